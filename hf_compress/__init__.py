@@ -1,0 +1,35 @@
+"""hf_compress: distillation, pruning and quantisation-aware training as Trainer plug-ins."""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> module; imported on first use so `import hf_compress` stays light
+_EXPORTS = {
+    "DistillationTrainer": "hf_compress.trainers.distillation_trainer",
+    "DistillationConfig": "hf_compress.trainers.distillation_config",
+    "student_from_teacher": "hf_compress.distillation.student",
+    "cache_teacher_logits": "hf_compress.distillation.cache",
+    "PruningCallback": "hf_compress.callbacks.pruning_callback",
+    "PruningConfig": "hf_compress.callbacks.pruning_config",
+    "QATCallback": "hf_compress.callbacks.qat_callback",
+    "QATConfig": "hf_compress.callbacks.qat_config",
+    "quantize_model": "hf_compress.quantization.ptq",
+    "load_pretrained": "hf_compress.serialization",
+    "select_modules": "hf_compress.modules",
+    "compression_report": "hf_compress.report",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_compress' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,3 @@
+from hf_compress.cli import main
+
+raise SystemExit(main())

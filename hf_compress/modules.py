@@ -1,0 +1,101 @@
+"""Selecting the modules a compression method works on.
+
+One home for "which layers": pruning, QAT, PTQ, export, the CLI and the tests all call
+`select_modules`. By default the targets are the Linear layers inside the transformer blocks;
+embeddings, LayerNorm, poolers and the task head stay untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+try:  # GPT-2 family keeps its projections in a transposed "Conv1D"
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers always has it today
+    Conv1D = ()
+
+# A module name inside a block list: "bert.encoder.layer.3.attention.self.query",
+# "model.layers.0.mlp.up_proj", "transformer.h.2.attn.c_attn", ...
+BLOCK_PATTERN = r"(^|\.)(layer|layers|h|block|blocks)\.\d+\."
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, LINEAR_TYPES)
+
+
+def out_axis(module: nn.Module) -> int:
+    """Axis of the weight that indexes output channels (0 for Linear, 1 for GPT-2's Conv1D)."""
+    return 1 if Conv1D and isinstance(module, Conv1D) else 0
+
+
+def _compile(patterns: str | Iterable[str] | None) -> list[re.Pattern]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"`targets`/`exclude`: {p!r} is not a valid regular expression ({e}).") from e
+    return out
+
+
+def select_modules(
+    model: nn.Module,
+    targets: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    *,
+    field: str = "targets",
+    require: bool = True,
+) -> dict[str, nn.Module]:
+    """Linear modules of `model` whose name matches a `targets` regex (`re.search`) and no `exclude` regex.
+
+    `targets=None` means the Linear layers inside the transformer blocks. With `require=True` a
+    selection that matches nothing is a `ValueError` naming `field`, so a typo never trains silently
+    with no compression.
+    """
+    inc = _compile(targets) or [re.compile(BLOCK_PATTERN)]
+    exc = _compile(exclude)
+    chosen = {}
+    for name, module in model.named_modules():
+        if not is_linear(module) or not name:
+            continue
+        if any(p.search(name) for p in inc) and not any(p.search(name) for p in exc):
+            chosen[name] = module
+    if require and not chosen:
+        some = [n for n, m in model.named_modules() if is_linear(m)][:5]
+        raise ValueError(
+            f"`{field}`={targets!r} (exclude={exclude!r}) matches no Linear module of "
+            f"{type(model).__name__}. Linear modules look like {some}; pass a regex that matches some of them."
+        )
+    return chosen
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the transformer blocks, and its dotted name."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and re.search(r"(^|\.)(layer|layers|h|block|blocks)$", name):
+            if best is None or len(name) < len(best[0]):
+                best = (name, module)
+    if best is None:
+        raise ValueError(f"Could not find the transformer block list of {type(model).__name__}.")
+    return best
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP / accelerate / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

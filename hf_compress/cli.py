@@ -1,0 +1,114 @@
+"""The `hf-compress` command (also `python -m hf_compress`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from . import __version__
+
+DESCRIPTION = """\
+Compress a Hugging Face model while it fine-tunes: distillation, pruning and quantisation-aware
+training, described by one YAML recipe. `run` trains and writes the compressed model and a report
+(report.json, report.md, report.png) comparing teacher and compressed model."""
+
+EPILOG = """\
+examples:
+  hf-compress run configs/sst2_minilm.yaml data_dir=../shared/data
+  hf-compress run configs/sst2_minilm.yaml training.max_steps=50 pruning.target_sparsity=0.8
+  hf-compress run configs/sst2_minilm.yaml --dry-run          # check the recipe, print it resolved
+  hf-compress report runs/sst2_minilm                          # re-render a finished run's report
+  ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+      --mixed_precision no --dynamo_backend no -m hf_compress run RECIPE.yaml   # 2 CPU processes
+
+docs: docs/cli.md (recipe keys, model specs, data sources)"""
+
+RUN_EPILOG = """\
+overrides: dotted KEY=VALUE pairs; VALUE is read as YAML.
+  training.max_steps=50          any TrainingArguments field under `training.`
+  distillation.temperature=4     any DistillationConfig field under `distillation.`
+  pruning.target_sparsity=0.9    any PruningConfig field (a new `pruning` section enables pruning)
+  quantization.weight_bits=4     any QATConfig field
+  student.layers=[0,3]           model.name=sentence-transformers/all-MiniLM-L6-v2   data.hub=glue/sst2
+  data_dir=../shared/data        the folder holding the recipe's local data sets (data.local)
+  output_dir=runs/try1           where checkpoints, the exported model and the report go
+  pruning=null                   remove a section
+Unknown keys are errors that name the nearest valid key."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hf-compress", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--version", action="version", version=f"hf-compress {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="run a compression recipe end to end",
+        description="Build teacher and student from RECIPE, train with distillation / pruning / QAT as the recipe says, "
+        "evaluate both, export the compressed model (<output_dir>/model) and write the report "
+        "(<output_dir>/report.{json,md,png}).",
+        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe file (see configs/)")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of recipe keys, e.g. training.max_steps=50")
+    run.add_argument("--dry-run", action="store_true", help="check the recipe (every section is built and validated), print it resolved, and stop")
+
+    rep = sub.add_parser(
+        "report", help="re-render the report of a finished run",
+        description="Rewrite DIR/report.md and DIR/report.png from DIR/report.json and print the table.",
+    )
+    rep.add_argument("dir", metavar="DIR", help="the output folder of a finished `hf-compress run` (holds report.json)")
+    rep.add_argument("--no-plot", action="store_true", help="do not write report.png")
+    return p
+
+
+def _run(args) -> int:
+    import yaml
+
+    from .recipes import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+            print(f"# recipe OK: output in {recipe.out_dir}, model export in {recipe.export_dir}")
+        return 0
+    from .pipeline import run_recipe
+
+    command = "hf-compress " + " ".join(shlex.quote(a) for a in ["run", args.recipe, *args.overrides])
+    run_recipe(recipe, command=command)
+    return 0
+
+
+def _report(args) -> int:
+    from .report import load_report, markdown_table, render_report
+
+    paths = render_report(args.dir, plot=not args.no_plot)
+    print(markdown_table(load_report(args.dir)["rows"]))
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _run(args) if args.command == "run" else _report(args)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("HF_COMPRESS_DEBUG"):
+            raise
+        print(f"hf-compress: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,455 @@
+"""The compression report: what a model costs and what it scores, for any model.
+
+`compression_report` measures, for one model or several (``{name: model}``):
+task metric(s), parameters and non-zero parameters (low-bit packed weights counted by their logical
+size), on-disk size (``save_pretrained`` to a temporary folder), CPU latency at batch 1 and 32 (median
+of repeated forwards after warm-up, fixed sequence length, several models interleaved so they compare
+as ratios), and an estimate of FLOPs per token (2 × the weights of the matmul layers, i.e. every 2-D
+non-embedding weight; attention-score products are not counted). `write_report` turns the rows into
+``report.json``, ``report.md`` and ``report.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from .metrics import TASKS, evaluate_model, primary_metric
+
+
+@dataclass
+class ReportConfig:
+    """How the report measures (the ``report`` section of a recipe)."""
+
+    latency: bool = field(default=True, metadata={"help": "Measure CPU forward latency."})
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32], metadata={"help": "Batch sizes timed."})
+    seq_len: int = field(default=64, metadata={"help": "Sequence length of the latency inputs (fixed, no padding)."})
+    repeats: int = field(default=10, metadata={"help": "Timed forwards per model and batch size; the median is kept."})
+    warmup: int = field(default=3, metadata={"help": "Untimed forwards before timing."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the metric evaluation."})
+    disk_size: bool = field(default=True, metadata={"help": "Measure the size of save_pretrained's files."})
+    plot: bool = field(default=True, metadata={"help": "Write report.png (needs matplotlib)."})
+
+    def __post_init__(self):
+        if isinstance(self.batch_sizes, int):
+            self.batch_sizes = [self.batch_sizes]
+        self.batch_sizes = list(self.batch_sizes)
+        if not self.batch_sizes or any(not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise ValueError(f"report.batch_sizes={self.batch_sizes!r}: give positive integers, e.g. [1, 32].")
+        for name in ("seq_len", "repeats", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"report.{name}={getattr(self, name)!r} must be >= 1.")
+        if self.warmup < 0:
+            raise ValueError(f"report.warmup={self.warmup!r} must be >= 0.")
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _logical_weights(module: nn.Module) -> list[tuple[Any, torch.Tensor, int]]:
+    """(identity, dense view, logical element count) of the module's own weights, low-bit formats included."""
+    out = []
+    for p in module.parameters(recurse=False):
+        state = getattr(p, "quant_state", None)
+        if state is not None and getattr(state, "shape", None) is not None:  # bnb Params4bit: packed uint8
+            import bitsandbytes.functional as bf
+
+            out.append((id(p), bf.dequantize_4bit(p.data, state), math.prod(state.shape)))
+        else:
+            out.append((id(p), p.detach(), p.numel()))
+    if getattr(module, "_packed_params", None) is not None and callable(getattr(module, "weight", None)):
+        # torch.ao (dynamic) quantized Linear: int8 weights packed outside nn.Parameter
+        w = module.weight()
+        out.append(((id(module), "weight"), w.dequantize() if w.is_quantized else w, w.numel()))
+        b = module.bias() if callable(getattr(module, "bias", None)) else None
+        if b is not None:
+            out.append(((id(module), "bias"), b.detach(), b.numel()))
+    return out
+
+
+def _is_embedding(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+
+
+def parameter_stats(model: nn.Module) -> dict[str, int]:
+    """Parameter counts by logical size: total, non-zero, embeddings, and the matmul weights (2-D, non-embedding).
+
+    Shared (tied) tensors are counted once in the totals; a tied output head still counts as a
+    matmul for FLOPs (it is one per token).
+    """
+    seen: set[int] = set()
+    stats = dict(params=0, nonzero_params=0, embedding_params=0, matmul_params=0, matmul_nonzero=0)
+    for module in model.modules():
+        for key, dense, n in _logical_weights(module):
+            nz = int(torch.count_nonzero(dense))
+            if key not in seen:
+                seen.add(key)
+                stats["params"] += n
+                stats["nonzero_params"] += nz
+                if _is_embedding(module):
+                    stats["embedding_params"] += n
+            if dense.dim() == 2 and not _is_embedding(module):
+                stats["matmul_params"] += n
+                stats["matmul_nonzero"] += nz
+    return stats
+
+
+@contextlib.contextmanager
+def quiet_progress():
+    """No "Writing model shards" bars while the report saves models to measure them."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
+def disk_size_mb(model: nn.Module) -> float | None:
+    """Size in MB of every file `save_pretrained` writes (weights + config), or None if it cannot save."""
+    if not hasattr(model, "save_pretrained"):
+        return None
+    with tempfile.TemporaryDirectory() as tmp, quiet_progress():
+        model.save_pretrained(tmp)
+        return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()) / 1e6
+
+
+# ----------------------------------------------------------------------------- latency
+
+
+def _device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def measure_latency(
+    models: Mapping[str, nn.Module], batch_sizes=(1, 32), seq_len: int = 64, repeats: int = 10, warmup: int = 3, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Median forward time in milliseconds, ``{name: {"b1": ms, "b32": ms}}``.
+
+    The models are timed in turn inside each repeat (interleaved), so drifts of a shared machine hit all
+    of them alike and their ratios are meaningful. Inputs are random token ids, no padding.
+    """
+    vocab = min(int(getattr(getattr(m, "config", None), "vocab_size", 100) or 100) for m in models.values())
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, dict[str, float]] = {name: {} for name in models}
+    for bs in batch_sizes:
+        ids = torch.randint(min(5, vocab - 1), vocab, (bs, seq_len), generator=g)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        inputs = {}
+        for name, m in models.items():
+            m.eval()
+            dev = _device(m)
+            inputs[name] = {"input_ids": ids.to(dev), "attention_mask": torch.ones_like(ids, device=dev)}
+            for _ in range(warmup):
+                m(**inputs[name])
+        for _ in range(repeats):
+            for name, m in models.items():
+                dev = _device(m)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t = time.perf_counter()
+                m(**inputs[name])
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                times[name].append(time.perf_counter() - t)
+        for name in models:
+            out[name][f"b{bs}"] = 1000 * statistics.median(times[name])
+    return out
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _infer_task(model: nn.Module) -> str:
+    arch = type(model).__name__
+    return "causal-lm" if arch.endswith(("ForCausalLM", "LMHeadModel")) else "sequence-classification"
+
+
+def compression_report(
+    models: nn.Module | Mapping[str, nn.Module],
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    *,
+    dataset=None,
+    tokenizer=None,
+    collator=None,
+    task: str | None = None,
+    metrics: Mapping[str, dict[str, float]] | None = None,
+    settings: Mapping[str, dict[str, Any]] | None = None,
+    config: ReportConfig | None = None,
+    **config_overrides,
+) -> list[dict[str, Any]]:
+    """Rows of the compression report, one per model (the first is the baseline for ratios).
+
+    - `models`: a model, or ``{name: model}`` (e.g. ``{"teacher": t, "student": s}``).
+    - Metrics come from `eval_fn(model) -> {name: value}`, or from `dataset` (tokenised rows with
+      ``labels``) evaluated with `collator` (default: padding with `tokenizer`) for `task`
+      ("sequence-classification" or "causal-lm"; inferred from the model class when omitted), or are
+      given per name in `metrics`. With none of these, the row has no metric.
+    - `settings`: ``{name: {...}}`` compression settings recorded with each row.
+    - `config` / keyword overrides: a `ReportConfig` (``batch_sizes=[1]``, ``repeats=5``, ``latency=False``...).
+
+    Example::
+
+        rows = compression_report({"teacher": teacher, "student": student}, dataset=val, tokenizer=tok)
+        write_report("out", rows)
+    """
+    cfg = dataclasses.replace(config or ReportConfig(), **config_overrides)
+    if isinstance(models, nn.Module):
+        models = {getattr(models, "name_or_path", None) or type(models).__name__: models}
+    if not models:
+        raise ValueError("compression_report: `models` is empty; pass a model or {name: model}.")
+    models = dict(models)
+    first = next(iter(models.values()))
+    task = task or _infer_task(first)
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: use one of {TASKS}.")
+    if dataset is not None and collator is None:
+        from .data import collator_for
+
+        collator = collator_for(task, tokenizer)
+    metrics = dict(metrics or {})
+    settings = dict(settings or {})
+
+    rows = []
+    for name, model in models.items():
+        if name in metrics:
+            scores = dict(metrics[name])
+        elif eval_fn is not None:
+            scores = dict(eval_fn(model))
+        elif dataset is not None:
+            scores = evaluate_model(model, dataset, task, collator, cfg.eval_batch_size)
+        else:
+            scores = {}
+        st = parameter_stats(model)
+        row = {
+            "name": name,
+            "task": task,
+            "metrics": {k: float(v) for k, v in scores.items()},
+            "params": st["params"],
+            "nonzero_params": st["nonzero_params"],
+            "embedding_params": st["embedding_params"],
+            "matmul_params": st["matmul_params"],
+            "matmul_sparsity": 1 - st["matmul_nonzero"] / st["matmul_params"] if st["matmul_params"] else 0.0,
+            "flops_per_token": 2 * st["matmul_params"],
+            "flops_per_token_nonzero": 2 * st["matmul_nonzero"],
+            "disk_mb": _safe_disk_mb(model) if cfg.disk_size else None,
+            "latency_ms": {},
+            "device": str(_device(model)),
+            "settings": copy.deepcopy(settings.get(name, {})),
+        }
+        rows.append(row)
+    if cfg.latency:
+        lat = measure_latency(models, cfg.batch_sizes, cfg.seq_len, cfg.repeats, cfg.warmup)
+        for row in rows:
+            row["latency_ms"] = lat[row["name"]]
+            row["latency_seq_len"] = cfg.seq_len
+    _add_ratios(rows)
+    return rows
+
+
+def _safe_disk_mb(model):
+    try:
+        return disk_size_mb(model)
+    except Exception as e:  # a model that cannot be saved still gets the rest of its row
+        print(f"[hf-compress] report: could not save {type(model).__name__} to measure its size ({e})")
+        return None
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """Retention, size ratio and speed-ups of every row against the first (the baseline)."""
+    if not rows:
+        return
+    base = rows[0]
+    task = base.get("task", "sequence-classification")
+    key, higher = primary_metric(task)
+    for row in rows:
+        b, v = base["metrics"].get(key), row["metrics"].get(key)
+        if b and v:
+            row["retention"] = v / b if higher else b / v
+        if base.get("disk_mb") and row.get("disk_mb"):
+            row["size_ratio"] = base["disk_mb"] / row["disk_mb"]
+        for bs, ms in row.get("latency_ms", {}).items():
+            if base.get("latency_ms", {}).get(bs) and ms:
+                row.setdefault("speedup", {})[bs] = base["latency_ms"][bs] / ms
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _count(n) -> str:
+    """1234 -> '1.23K', 22713216 -> '22.7M'."""
+    if n is None:
+        return "–"
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(n)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The report as a markdown table (one row per model) plus each model's compression settings."""
+    metric_names = []
+    for row in rows:
+        metric_names += [m for m in row.get("metrics", {}) if m not in metric_names]
+    batch_keys = []
+    for row in rows:
+        batch_keys += [b for b in row.get("latency_ms", {}) if b not in batch_keys]
+    head = ["model", *metric_names, "retention", "params", "non-zero", "disk MB", "size ×"]
+    head += [f"latency {b} ms" for b in batch_keys] + [f"speed-up {b}" for b in batch_keys]
+    head += ["FLOPs/token (non-zero)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["name"]] + [_fmt(r["metrics"].get(m)) for m in metric_names]
+        cells += [
+            _fmt(r.get("retention")),
+            _count(r.get("params")),
+            _count(r.get("nonzero_params")),
+            _fmt(r.get("disk_mb"), 3),
+            _fmt(r.get("size_ratio"), 3),
+        ]
+        cells += [_fmt(r.get("latency_ms", {}).get(b), 3) for b in batch_keys]
+        cells += [_fmt(r.get("speedup", {}).get(b), 3) for b in batch_keys]
+        f, fnz = r.get("flops_per_token"), r.get("flops_per_token_nonzero")
+        cells.append("–" if f is None else f"{_count(f)} ({_count(fnz)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _settings_md(rows: list[dict]) -> str:
+    out = []
+    for r in rows:
+        if r.get("settings"):
+            out.append(f"- **{r['name']}**: `{json.dumps(r['settings'], sort_keys=True, default=str)}`")
+    return "\n".join(out)
+
+
+def _clean(obj):
+    """JSON-safe copy: NaN/inf become null, tuples lists, unknown objects strings."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if obj is None or isinstance(obj, (int, str, bool)):
+        return obj
+    return str(obj)
+
+
+def write_report(out_dir: str | Path, rows: list[dict], *, title: str = "Compression report", meta: dict | None = None, plot: bool = True) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and (with `plot`) ``report.png`` into `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "title": title,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        **(meta or {}),
+        "rows": rows,
+    }
+    path = out / "report.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_clean(payload), indent=1))
+    tmp.replace(path)
+    return render_report(out, plot=plot)
+
+
+def load_report(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / "report.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: pass the output folder of a finished `hf-compress run`.")
+    return json.loads(path.read_text())
+
+
+def render_report(out_dir: str | Path, plot: bool = True) -> dict[str, Path]:
+    """(Re)write ``report.md`` and ``report.png`` from ``report.json`` in `out_dir`."""
+    out = Path(out_dir)
+    payload = load_report(out)
+    rows = payload["rows"]
+    task = rows[0].get("task", "sequence-classification") if rows else "sequence-classification"
+    key, higher = primary_metric(task)
+    md = [f"# {payload.get('title', 'Compression report')}", ""]
+    md.append(
+        f"Measured {payload.get('created', '?')} with torch {payload.get('torch', '?')} "
+        f"({payload.get('threads', '?')} threads). Ratios are against the first row; retention is "
+        + ("metric / baseline." if higher else "baseline perplexity / perplexity.")
+    )
+    seq = next((r.get("latency_seq_len") for r in rows if r.get("latency_seq_len")), None)
+    if seq:
+        md.append(f"Latency: median forward time of random inputs of {seq} tokens on {rows[0].get('device', 'cpu')}, after warm-up.")
+    md.append("FLOPs/token: 2 × matmul weights (dense), in brackets 2 × their non-zeros (what sparse kernels could reach).")
+    md += ["", markdown_table(rows), ""]
+    settings = _settings_md(rows)
+    if settings:
+        md += ["## Compression settings", "", settings, ""]
+    for extra in ("command", "recipe", "notes"):
+        if payload.get(extra):
+            md += [f"**{extra}**: `{payload[extra]}`" if isinstance(payload[extra], str) else f"**{extra}**: `{json.dumps(payload[extra])}`", ""]
+    paths = {"json": out / "report.json", "md": out / "report.md"}
+    paths["md"].write_text("\n".join(md))
+    if plot and rows:
+        paths["png"] = plot_report(rows, out / "report.png", title=payload.get("title"))
+    return paths
+
+
+def plot_report(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
+    """Metric vs on-disk size and metric vs latency, one labelled point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task = rows[0].get("task", "sequence-classification")
+    key, higher = primary_metric(task)
+    lat_key = next((b for b in ("b1", "b32") if any(b in r.get("latency_ms", {}) for r in rows)), None)
+    panels = [("disk_mb", "on-disk size (MB)")]
+    if lat_key:
+        panels.append((lat_key, f"CPU latency, batch {lat_key[1:]} (ms)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (xkey, xlabel) in zip(axes[0], panels):
+        for r in rows:
+            x = r.get("latency_ms", {}).get(xkey) if xkey != "disk_mb" else r.get("disk_mb")
+            y = r.get("metrics", {}).get(key)
+            if x is None or y is None:
+                continue
+            ax.scatter([x], [y], s=60)
+            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{key} ({'higher' if higher else 'lower'} is better)")
+        ax.grid(alpha=0.3)
+        ax.margins(0.25)
+    fig.suptitle(title or "Compression report")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

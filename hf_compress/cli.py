@@ -74,6 +74,7 @@ def _run(args) -> int:
     if args.dry_run:
         from accelerate import PartialState
 
+        _ = recipe.training_args().device  # sets up the (distributed) state
         if PartialState().is_main_process:
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
             print(f"# recipe OK: output in {recipe.out_dir}, model export in {recipe.export_dir}")

@@ -30,10 +30,11 @@ FINGERPRINT = "hf_compress_teacher.json"
 class Run:
     """One recipe run; `phase` prints a short line (main process only) and times the phase."""
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, args):
         from accelerate import PartialState
 
         self.recipe = recipe
+        _ = args.device  # TrainingArguments sets up the (distributed) state; PartialState() then shares it
         self.state = PartialState()
         self.main = self.state.is_main_process
         self.timings: dict[str, float] = {}
@@ -137,14 +138,14 @@ def _build_student(run: Run, teacher, tokenizer, num_labels):
     return copy.deepcopy(teacher), "a copy of the teacher"
 
 
-def _describe(r: Recipe, student_desc: str, dist, prune, qat) -> tuple[str, dict]:
+def _describe(r: Recipe, student_desc: str, dist, prunes, qat) -> tuple[str, dict]:
     """A short label for the plot and the settings recorded in the report."""
     parts = []
     if r.student.layers is not None:
         parts.append(f"{len(r.student.layers)}L")
     if dist is not None:
         parts.append("KD")
-    if prune is not None:
+    for prune in prunes:
         sparsity = getattr(prune, "target_sparsity", None)
         gran = getattr(prune, "granularity", "pruned")
         parts.append(f"{gran} {sparsity:.0%}" if isinstance(sparsity, float) else str(gran))
@@ -153,10 +154,14 @@ def _describe(r: Recipe, student_desc: str, dist, prune, qat) -> tuple[str, dict
         export = getattr(qat, "export", None)
         parts.append(f"int{bits}" + (f" ({export})" if export else " QAT") if bits else "QAT")
     settings = {"student": student_desc}
-    for name, cfg in (("distillation", dist), ("pruning", prune), ("quantization", qat)):
+    for name, cfg in (("distillation", dist), ("pruning", prunes or None), ("quantization", qat)):
         if cfg is not None:
-            settings[name] = {k: v for k, v in dataclasses.asdict(cfg).items()} if dataclasses.is_dataclass(cfg) else str(cfg)
+            settings[name] = [_as_dict(c) for c in cfg] if isinstance(cfg, list) else _as_dict(cfg)
     return "student " + " + ".join(parts) if parts else "student", settings
+
+
+def _as_dict(cfg) -> dict:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg)
 
 
 def _reload_check(run: Run, model, export_dir: str, splits, tokenizer, task) -> dict:
@@ -187,12 +192,12 @@ def run_recipe(recipe: Recipe, command: str | None = None) -> dict:
     """Run a validated recipe end to end; returns ``{"rows": ..., "paths": ...}`` (paths on the main process)."""
     from transformers import set_seed
 
-    run = Run(recipe)
     r = recipe
+    args = r.training_args()
+    run = Run(recipe, args)
     task = r.model.task
     set_seed(r.seed)
-    dist, prune, qat = r.distillation_config(), r.pruning_config(), r.quantization_config()
-    args = r.training_args()
+    dist, prunes, qat = r.distillation_config(), r.pruning_configs(), r.quantization_config()
 
     with run.phase("data", f"loading ({r.data.hub or r.data.local or r.data.train_file})"):
         tokenizer = build_tokenizer(r.model.tokenizer, r.model.name)
@@ -212,13 +217,13 @@ def run_recipe(recipe: Recipe, command: str | None = None) -> dict:
     with run.phase("student build"):
         student, student_desc = _build_student(run, teachers[0], tokenizer, num_labels)
     run.say(f"student: {student_desc}, {_millions(student)}")
-    label, settings = _describe(r, student_desc, dist, prune, qat)
+    label, settings = _describe(r, student_desc, dist, prunes, qat)
 
     callbacks = []
-    if prune is not None:
+    if prunes:
         from .callbacks.pruning_callback import PruningCallback
 
-        callbacks.append(PruningCallback(prune))
+        callbacks += [PruningCallback(p) for p in prunes]
     if qat is not None:  # after pruning: structural removal first, then the low-bit export
         from .callbacks.qat_callback import QATCallback
 
@@ -236,7 +241,7 @@ def run_recipe(recipe: Recipe, command: str | None = None) -> dict:
             held = [to_low_bit(copy.deepcopy(t), r.teacher.low_bit) for t in teachers]
         kw.update(teacher_model=held[0] if len(held) == 1 else held, distillation_config=dist)
     steps = args.max_steps if args.max_steps > 0 else f"{args.num_train_epochs} epoch(s) of"
-    what = " + ".join(p for p, c in (("distillation", dist), ("pruning", prune), ("QAT", qat)) if c is not None) or "fine-tuning"
+    what = " + ".join(p for p, c in (("distillation", dist), ("pruning", prunes or None), ("QAT", qat)) if c is not None) or "fine-tuning"
     with run.phase("training", f"{what}, {steps} steps"):
         trainer = _train(student, args, splits, tokenizer, task, trainer_cls, **kw)
     from .modules import unwrap

@@ -132,7 +132,7 @@ class Recipe:
     student: StudentSection = field(default_factory=StudentSection, metadata={"help": "Student construction."})
     training: dict = field(default_factory=dict, metadata={"help": "TrainingArguments fields."})
     distillation: dict | None = field(default=None, metadata={"help": "DistillationConfig fields; absent: no distillation."})
-    pruning: dict | None = field(default=None, metadata={"help": "PruningConfig fields; absent: no pruning."})
+    pruning: dict | list[dict] | None = field(default=None, metadata={"help": "PruningConfig fields, or a list of them (e.g. heads and neurons: one PruningCallback each); absent: no pruning."})
     quantization: dict | None = field(default=None, metadata={"help": "QATConfig fields; absent: no QAT."})
     export: ExportSection = field(default_factory=ExportSection, metadata={"help": "Export."})
     report: ReportConfig = field(default_factory=ReportConfig, metadata={"help": "Report measurements."})
@@ -143,7 +143,11 @@ class Recipe:
     def training_args(self, **extra):
         from transformers import TrainingArguments
 
+        import torch
+
         values = {"output_dir": str(Path(self.out_dir) / "checkpoints"), "report_to": "none", "seed": self.seed}
+        if not torch.cuda.is_available():  # CPU: also what makes torchrun / accelerate start gloo ranks
+            values["use_cpu"] = True
         values.update(self.training)
         values.update(extra)
         return build_section(TrainingArguments, values, "training")
@@ -159,12 +163,14 @@ class Recipe:
 
         return build_section(DistillationConfig, self.distillation, "distillation")
 
-    def pruning_config(self):
+    def pruning_configs(self) -> list:
         if self.pruning is None:
-            return None
+            return []
         from .callbacks.pruning_config import PruningConfig
 
-        return build_section(PruningConfig, self.pruning, "pruning")
+        if isinstance(self.pruning, list):
+            return [build_section(PruningConfig, p, f"pruning.{i}") for i, p in enumerate(self.pruning)]
+        return [build_section(PruningConfig, self.pruning, "pruning")]
 
     def quantization_config(self):
         if self.quantization is None:
@@ -190,7 +196,7 @@ class Recipe:
         if self.teacher.train is not None:
             self.teacher_training_args()
         self.distillation_config()
-        self.pruning_config()
+        self.pruning_configs()
         self.quantization_config()
         if self.distillation is not None and self.student.layers is None and self.student.name is None and self.teacher.name is None:
             print("[hf-compress] note: distilling a copy of the model into itself (no student.layers / student.name)")
@@ -300,13 +306,22 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     for text in overrides or []:
         path, value = parse_override(text)
         node = d
-        for i, part in enumerate(path[:-1]):
-            if not isinstance(node.get(part), dict):
-                if node.get(part) is not None:
-                    raise ValueError(f"override {text!r}: `{'.'.join(path[: i + 1])}` is {node[part]!r}, not a section.")
-                node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
+        for i, part in enumerate(path):
+            where = ".".join(path[: i + 1])
+            if isinstance(node, list):  # pruning.1.target_sparsity: an index into a list of sections
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ValueError(f"override {text!r}: `{where}`: give an index 0..{len(node) - 1} of the list.")
+                part = int(part)
+            if i == len(path) - 1:
+                node[part] = value
+            elif isinstance(node, list):
+                node = node[part]
+            else:
+                if not isinstance(node.get(part), (dict, list)):
+                    if node.get(part) is not None:
+                        raise ValueError(f"override {text!r}: `{where}` is {node[part]!r}, not a section.")
+                    node[part] = {}
+                node = node[part]
         d = _normalise(d)
     return d
 
@@ -330,8 +345,11 @@ def recipe_from_dict(d: dict, source: str | None = None) -> Recipe:
         if values.get(key) is None:
             values[key] = {}
     for key in ("training", "distillation", "pruning", "quantization"):
-        if values.get(key) is not None and not isinstance(values[key], dict):
-            raise ValueError(f"recipe: `{key}` must be a mapping of keys to values, got {values[key]!r}.")
+        v = values.get(key)
+        if key == "pruning" and isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            continue
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"recipe: `{key}` must be a mapping of keys to values, got {v!r}.")
     if values.get("teacher") and values["teacher"].train is not None and not isinstance(values["teacher"].train, dict):
         raise ValueError("recipe: `teacher.train` must be a mapping of TrainingArguments fields, e.g. {max_steps: 200}.")
     return Recipe(**values, source=source)

@@ -62,6 +62,10 @@ class ReportConfig:
 def _logical_weights(module: nn.Module) -> list[tuple[Any, torch.Tensor, int]]:
     """(identity, dense view, logical element count) of the module's own weights, low-bit formats included."""
     out = []
+    w = module._buffers.get("weight")
+    if w is not None and callable(getattr(module, "dequantized_weight", None)):
+        # integer weight codes in a buffer (hf_compress Int8Linear): logical size = codes
+        out.append((id(w), module.dequantized_weight().detach(), w.numel()))
     for p in module.parameters(recurse=False):
         state = getattr(p, "quant_state", None)
         if state is not None and getattr(state, "shape", None) is not None:  # bnb Params4bit: packed uint8

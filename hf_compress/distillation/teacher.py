@@ -1,0 +1,112 @@
+"""Teacher preparation: the one place that decides how a teacher is held during distillation.
+
+A teacher is frozen (`requires_grad=False`), in `eval()` mode, run under `torch.no_grad()` by the
+caller, placed on the student's device with the student's mixed-precision policy by
+`accelerator.prepare_model(..., evaluation_mode=True)` — which applies device placement and autocast
+but never wraps the model for gradient synchronisation — and it is never part of what is saved.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modules import select_modules, unwrap
+
+LOW_BIT = ("int8", "nf4")
+
+
+def prepare_teacher(teacher: nn.Module, accelerator: Any | None = None) -> nn.Module:
+    """Freeze `teacher` and hand it to `accelerator` for placement and autocast only (no DDP)."""
+    if not isinstance(teacher, nn.Module):
+        raise ValueError(f"teacher_model must be a torch nn.Module (a transformers model), got {type(teacher).__name__}.")
+    teacher.eval()
+    teacher.requires_grad_(False)
+    if accelerator is not None:
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    return teacher
+
+
+def is_frozen(teacher: nn.Module) -> bool:
+    return not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def load_teacher(
+    name_or_path: str | os.PathLike,
+    model_class: type | None = None,
+    low_bit: str | None = None,
+    **from_pretrained_kwargs,
+) -> nn.Module:
+    """Load a frozen teacher, optionally with its transformer-block Linears in 8-bit or NF4 (bitsandbytes).
+
+    On a GPU this is transformers' own `BitsAndBytesConfig` path. On CPU that path fails with
+    bitsandbytes 0.50 (see ENVIRONMENT.md), so the Linear layers inside the blocks are converted here
+    after an fp32 load; bitsandbytes' CPU kernels then run the forward (int8 error ≈ 0.4%, nf4 ≈ 9%).
+    """
+    if low_bit is not None and low_bit not in LOW_BIT:
+        raise ValueError(f"low_bit={low_bit!r}: choose one of {LOW_BIT} or None for full precision.")
+    if model_class is None:
+        model_class = _class_from_config(name_or_path)
+    if low_bit is not None and torch.cuda.is_available():
+        from transformers import BitsAndBytesConfig
+
+        qc = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if low_bit == "int8"
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        )
+        from_pretrained_kwargs.setdefault("device_map", {"": torch.cuda.current_device()})
+        teacher = model_class.from_pretrained(name_or_path, quantization_config=qc, **from_pretrained_kwargs)
+    else:
+        teacher = model_class.from_pretrained(name_or_path, **from_pretrained_kwargs)
+        if low_bit is not None:
+            to_low_bit(teacher, low_bit)
+    return prepare_teacher(teacher)
+
+
+def to_low_bit(model: nn.Module, low_bit: str = "int8") -> nn.Module:
+    """Replace the Linear layers inside the transformer blocks by bitsandbytes layers (in place, inference only)."""
+    if low_bit not in LOW_BIT:
+        raise ValueError(f"low_bit={low_bit!r}: choose one of {LOW_BIT}.")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ValueError("low_bit needs bitsandbytes: `pip install bitsandbytes`, or load the teacher in full precision.") from e
+    model = unwrap(model)
+    for name, lin in select_modules(model, field="low_bit").items():
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"low_bit: {name} is a {type(lin).__name__}; only nn.Linear layers convert to bitsandbytes.")
+        w = lin.weight.data.float()
+        if low_bit == "int8":
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None, has_fp16_weights=False)
+            q.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
+        else:
+            q = bnb.nn.Linear4bit(
+                lin.in_features, lin.out_features, bias=lin.bias is not None,
+                compute_dtype=torch.float32, quant_type="nf4",
+            )
+            q.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4")
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data.float().cpu(), requires_grad=False)
+        q = q.to(lin.weight.device)  # bitsandbytes quantises on this move
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    return model
+
+
+def _class_from_config(name_or_path) -> type:
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    raise ValueError(
+        f"Cannot tell which model class {name_or_path} is (config.architectures={getattr(config, 'architectures', None)}): "
+        "pass model_class=, e.g. AutoModelForSequenceClassification."
+    )

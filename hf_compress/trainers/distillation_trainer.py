@@ -1,0 +1,423 @@
+"""DistillationTrainer: a `transformers.Trainer` whose loss distils one or more teachers into the model.
+
+Swap-in: ``Trainer(model=student, ...)`` → ``DistillationTrainer(model=student, teacher_model=teacher, ...)``.
+Only public Trainer surfaces are overridden: `compute_loss` (the loss), `create_optimizer` (adds the
+learned hidden-state projections), `log` (adds the loss parts), `prediction_step` (keeps cache columns
+out of the evaluation forward). Checkpointing of the projections and their gradient handling run in a
+small internal `TrainerCallback`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .. import checkpointing
+from ..distillation import losses as L
+from ..distillation.cache import COLUMNS, INDICES, VALUES, CachedLogitsCollator, forward_columns, has_cached_logits
+from ..distillation.teacher import prepare_teacher
+from ..modules import unwrap
+from .distillation_config import DistillationConfig
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "distillation"
+PARTS = ("hard", "soft", "hidden", "attention")
+
+
+def _base(model: nn.Module) -> nn.Module:
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model = _base(model)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or (
+        LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+    )
+
+
+def _output_width(model: nn.Module) -> tuple[str, int]:
+    """("vocab_size", V) for language-model heads, ("num_labels", C) for classification heads."""
+    model = _base(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return "vocab_size", int(head.weight.shape[0])
+    return "num_labels", int(model.config.num_labels)
+
+
+class _DistillationState(TrainerCallback):
+    """Projections in Trainer checkpoints, restored on resume; their gradients synced, clipped and cleared.
+
+    The projections live outside the (possibly DDP-wrapped) student, so the Trainer neither
+    all-reduces, clips nor zeroes their gradients: this callback does, at the matching events.
+    """
+
+    def __init__(self, projections: nn.ModuleDict, config: dict):
+        self.projections = projections
+        self.config = config
+
+    def _params(self):
+        return [p for p in self.projections.parameters() if p.requires_grad]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        ckpt = checkpointing.find_resume_dir(args, state)
+        if ckpt is not None:
+            device = next(iter(self.projections.parameters()), torch.empty(0)).device
+            tensors, _ = checkpointing.load_state(ckpt, STATE_NAME, config=self.config, device=device)
+            self.projections.load_state_dict(tensors)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for p in self.projections.parameters():  # every rank starts from rank 0's projections
+                torch.distributed.broadcast(p.data, src=0)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        params = [p for p in self._params() if p.grad is not None]
+        if not params:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            torch.distributed.all_reduce(flat)
+            flat /= torch.distributed.get_world_size()
+            offset = 0
+            for p in params:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                offset += n
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for p in self._params():
+            p.grad = None  # the Trainer zeroes only the student's gradients
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpointing.save_state(args, state, STATE_NAME, self.projections.state_dict(), {"config": self.config})
+
+
+class DistillationTrainer(Trainer):
+    """`Trainer` that trains `model` (the student) towards `teacher_model` (one model or a list).
+
+    Loss (classification): ``(1 − α)·CE(s, y) + α·T²·KL(softmax(t/T) ‖ softmax(s/T))``, the KL summed
+    over classes and averaged over the batch; without labels ``T²·KL`` alone. Token-level and causal-LM
+    models: the same per position, averaged over positions whose label ≠ −100 after the causal shift;
+    CE is the model's own loss. Optional hidden-state and attention-map matching are added with their
+    weights. See `DistillationConfig` for every option and docs/distillation.md for the details.
+
+    With a `train_dataset` made by `cache_teacher_logits`, the cached top-k logits are the soft targets
+    and no teacher runs (`teacher_model` may be None). During evaluation the loss is the student's own
+    loss, so eval_loss compares with plain fine-tuning and the teacher never runs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        teacher_model: nn.Module | Sequence[nn.Module] | None = None,
+        args: TrainingArguments | None = None,
+        distillation_config: DistillationConfig | None = None,
+        **kwargs,
+    ):
+        cfg = DistillationConfig() if distillation_config is None else distillation_config
+        if not isinstance(cfg, DistillationConfig):
+            raise ValueError(f"distillation_config must be a DistillationConfig, got {type(cfg).__name__}.")
+        teachers = [] if teacher_model is None else list(teacher_model) if isinstance(teacher_model, (list, tuple)) else [teacher_model]
+        cached = has_cached_logits(kwargs.get("train_dataset"))
+        if args is None:
+            args = TrainingArguments(output_dir="tmp_trainer")
+        filter_columns = cached and args.remove_unused_columns
+        if filter_columns:
+            # The Trainer would drop the cache columns (its model's forward does not take them): the
+            # CachedLogitsCollator below does the same column filtering but keeps them. The user's
+            # args object is left as it was.
+            args = copy.copy(args)
+            args.remove_unused_columns = False
+        super().__init__(model=model, args=args, **kwargs)
+
+        self.distillation_config = cfg
+        student = _base(self.model)
+        self._causal = _is_causal_lm(student)
+        self._cached = cached
+        self.layer_map = self._validate(student, teachers, cfg, cached)
+        if cached and teachers and not cfg.uses_intermediate:
+            logger.warning("train_dataset holds cached teacher logits: teacher_model is not run during training.")
+        self.teachers = [prepare_teacher(t, self.accelerator) for t in teachers]
+        self._teacher_inputs = [forward_columns(t) - {"labels"} for t in self.teachers]
+        if cached:
+            keep = None
+            if filter_columns:
+                keep = forward_columns(self.model) | {"label", "label_ids"} | set(self.label_names)
+            self.data_collator = CachedLogitsCollator(self.data_collator, keep)
+        self.projections = self._make_projections(student)
+        self.add_callback(_DistillationState(self.projections, cfg.to_dict()))
+        # our loss is a per-micro-batch mean: let the Trainer divide it by the accumulation steps
+        self.loss_is_scaled_for_ga = False
+        self._part_sums: dict[str, torch.Tensor] = {}
+        self._part_count = 0
+
+    # ---- set-up ------------------------------------------------------------------------------
+
+    def _validate(self, student: nn.Module, teachers: list, cfg: DistillationConfig, cached: bool) -> dict[int, int]:
+        """Every teacher/student mismatch as a ValueError naming the field and the fix, before training."""
+        if not teachers and not cached:
+            raise ValueError(
+                "teacher_model is None and train_dataset holds no cached teacher logits: pass teacher_model=<model> "
+                "(or a list), or a train_dataset made by hf_compress.cache_teacher_logits."
+            )
+        if cfg.uses_intermediate and not teachers:
+            raise ValueError(
+                "hidden_loss_weight / attention_loss_weight > 0 match the teacher's internals, which cached logits do "
+                "not hold: pass teacher_model=, or set both weights to 0."
+            )
+        if cfg.uses_intermediate and len(teachers) > 1:
+            raise ValueError(
+                f"hidden_loss_weight / attention_loss_weight need a single teacher, got {len(teachers)}: with several "
+                "teachers only the soft targets are combined; set both weights to 0 or pass one teacher."
+            )
+        if cfg.teacher_weights is not None and len(cfg.teacher_weights) != len(teachers):
+            raise ValueError(
+                f"teacher_weights has {len(cfg.teacher_weights)} entries for {len(teachers)} teacher(s): give one weight per teacher."
+            )
+        for i, t in enumerate(teachers):
+            if not isinstance(t, nn.Module) or getattr(_base(t), "config", None) is None:
+                raise ValueError(f"teacher_model[{i}] must be a transformers model (with .config), got {type(t).__name__}.")
+        kind, width = _output_width(student)
+        if kind == "num_labels" and width < 2:
+            raise ValueError(
+                f"The student has num_labels={width}: distillation matches class distributions and needs ≥ 2 classes."
+            )
+        for i, t in enumerate(teachers):
+            tkind, twidth = _output_width(t)
+            if (tkind, twidth) != (kind, width):
+                raise ValueError(
+                    f"teacher_model[{i}] outputs {tkind}={twidth} but the student outputs {kind}={width}: teacher and "
+                    f"student must predict the same classes/vocabulary (set num_labels / use the same tokenizer)."
+                )
+            sv, tv = getattr(student.config, "vocab_size", None), getattr(_base(t).config, "vocab_size", None)
+            if sv is not None and tv is not None and sv != tv:
+                raise ValueError(
+                    f"teacher_model[{i}] has vocab_size={tv} but the student has vocab_size={sv}: they must share "
+                    "one tokenizer so the same input ids mean the same tokens."
+                )
+        if cached:
+            self._validate_cache(kind, width)
+        if not cfg.uses_intermediate:
+            return {}
+        teacher = _base(teachers[0])
+        ls, lt = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+        layer_map = cfg.layer_map or L.uniform_layer_map(ls, lt)
+        for s, t in layer_map.items():
+            if not (0 <= s < ls and 0 <= t < lt):
+                raise ValueError(
+                    f"layer_map entry {s}: {t} is out of range: the student has layers 0..{ls - 1}, the teacher 0..{lt - 1}."
+                )
+        ds, dt = student.config.hidden_size, teacher.config.hidden_size
+        if cfg.hidden_loss_weight > 0 and ds != dt and not cfg.hidden_projection:
+            raise ValueError(
+                f"hidden_loss_weight > 0 but the student's hidden size {ds} differs from the teacher's {dt} and "
+                "hidden_projection=False: set hidden_projection=True (a learned projection) or hidden_loss_weight=0."
+            )
+        if cfg.attention_loss_weight > 0:
+            hs, ht = student.config.num_attention_heads, teacher.config.num_attention_heads
+            if hs != ht:
+                raise ValueError(
+                    f"attention_loss_weight > 0 needs equal head counts, but the student has {hs} heads and the teacher "
+                    f"{ht}: set attention_loss_weight=0 or use a student with {ht} heads."
+                )
+            for m in (student, teacher):  # fused attention kernels do not return the probability maps
+                if m.config._attn_implementation != "eager":
+                    logger.info("attention_loss_weight > 0: switching %s to eager attention.", type(m).__name__)
+                    m.set_attn_implementation("eager")
+        return layer_map
+
+    def _validate_cache(self, kind: str, width: int) -> None:
+        row = self.train_dataset[0]
+        values, indices = torch.as_tensor(row[VALUES]), torch.as_tensor(row[INDICES])
+        want = 1 if kind == "num_labels" and not self._token_level_head() else 2
+        if values.dim() != want or values.shape != indices.shape:
+            raise ValueError(
+                f"train_dataset's {VALUES} has shape {tuple(values.shape)} per example but the student expects "
+                f"{'[k]' if want == 1 else '[length, k]'}: the cache was made by a teacher of another task; rebuild it "
+                "with cache_teacher_logits(teacher, dataset)."
+            )
+        if indices.numel() and int(indices.max()) >= width:
+            raise ValueError(
+                f"train_dataset's {INDICES} holds class id {int(indices.max())} but the student has {kind}={width}: "
+                "the cache comes from a teacher with another label set / vocabulary."
+            )
+
+    def _token_level_head(self) -> bool:
+        return self._causal or "TokenClassification" in type(_base(self.model)).__name__
+
+    def _make_projections(self, student: nn.Module) -> nn.ModuleDict:
+        cfg = self.distillation_config
+        projections = nn.ModuleDict()
+        if cfg.hidden_loss_weight > 0:
+            ds, dt = student.config.hidden_size, _base(self.teachers[0]).config.hidden_size
+            if ds != dt:
+                with torch.random.fork_rng(devices=[]):  # same init on every rank, global RNG untouched
+                    torch.manual_seed(self.args.seed)
+                    for s in sorted(self.layer_map):
+                        projections[str(s)] = nn.Linear(ds, dt, bias=False)
+        return projections.to(self.args.device)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, plus a parameter group for the learned hidden-state projections."""
+        optimizer = super().create_optimizer(model)
+        params = list(self.projections.parameters())
+        present = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [p for p in params if id(p) not in present]
+        if missing:
+            if self.lr_scheduler is not None:
+                raise ValueError(
+                    "optimizers=(optimizer, scheduler) was passed but the optimizer lacks the hidden-state projections "
+                    "(trainer.projections): include them, or pass optimizer_cls_and_kwargs= instead."
+                )
+            optimizer.add_param_group({"params": missing, "weight_decay": self.args.weight_decay})
+        return optimizer
+
+    # ---- the loss ------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # evaluation: the student's own loss; the teacher does not run
+            inputs = {k: v for k, v in inputs.items() if k not in COLUMNS}
+            return super().compute_loss(model, inputs, return_outputs=return_outputs)
+        cfg = self.distillation_config
+        inputs = dict(inputs)
+        cache = {c: inputs.pop(c) for c in COLUMNS if c in inputs}
+        labels = inputs.get("labels")
+        custom_hard = labels is not None and (self.label_smoother is not None or self.compute_loss_func is not None)
+        student_inputs = {k: v for k, v in inputs.items() if not (custom_hard and k == "labels")}
+        want = {}
+        if cfg.hidden_loss_weight > 0:
+            want["output_hidden_states"] = True
+        if cfg.attention_loss_weight > 0:
+            want["output_attentions"] = True
+
+        outputs = model(**student_inputs, **want)
+        parts: dict[str, torch.Tensor] = {}
+        if labels is not None:
+            parts["hard"] = self._hard_loss(outputs, labels)
+        need_soft = labels is None or cfg.alpha > 0
+        run_teacher = self.teachers and ((need_soft and not cache) or cfg.uses_intermediate)
+        t_outputs = []
+        if run_teacher:
+            for t, accepted in zip(self.teachers, self._teacher_inputs):
+                if t.training:
+                    t.eval()
+                with torch.no_grad():
+                    t_outputs.append(t(**{k: v for k, v in inputs.items() if k in accepted}, **want))
+        if need_soft:
+            parts["soft"] = self._soft_loss(outputs.logits, t_outputs, cache, labels, inputs.get("attention_mask"))
+        if cfg.uses_intermediate:
+            mask = inputs.get("attention_mask")
+            if cfg.hidden_loss_weight > 0:
+                parts["hidden"] = self._hidden_loss(outputs.hidden_states, t_outputs[0].hidden_states, mask)
+            if cfg.attention_loss_weight > 0:
+                parts["attention"] = self._attention_loss(outputs.attentions, t_outputs[0].attentions, mask)
+
+        if labels is None:
+            loss = parts["soft"]
+        else:
+            loss = (1.0 - cfg.alpha) * parts["hard"]
+            if cfg.alpha > 0:
+                loss = loss + cfg.alpha * parts["soft"]
+        if "hidden" in parts:
+            loss = loss + cfg.hidden_loss_weight * parts["hidden"]
+        if "attention" in parts:
+            loss = loss + cfg.attention_loss_weight * parts["attention"]
+        if cfg.check_finite and not bool(torch.isfinite(loss)):
+            self._raise_non_finite(parts)
+        for name, value in parts.items():
+            value = value.detach().float()
+            self._part_sums[name] = self._part_sums[name] + value if name in self._part_sums else value
+        self._part_count += 1
+        if want and return_outputs:  # keep the extra tensors out of what evaluation would treat as logits
+            outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in ("hidden_states", "attentions")})
+        return (loss, outputs) if return_outputs else loss
+
+    def _hard_loss(self, outputs, labels: torch.Tensor) -> torch.Tensor:
+        if self.compute_loss_func is not None:
+            return self.compute_loss_func(outputs, labels, num_items_in_batch=None)
+        if self.label_smoother is not None:
+            return self.label_smoother(outputs, labels, shift_labels=self._causal)
+        if getattr(outputs, "loss", None) is None:
+            raise ValueError(
+                f"{type(_base(self.model)).__name__} returned no loss for a batch with labels: the hard (CE) term "
+                "is the model's own loss; use a model class with a task head (e.g. AutoModelForSequenceClassification)."
+            )
+        return outputs.loss
+
+    def _soft_loss(self, s_logits, t_outputs, cache, labels, attention_mask) -> torch.Tensor:
+        cfg = self.distillation_config
+        indices = None
+        if t_outputs:
+            t_logp = L.teacher_log_probs([o.logits for o in t_outputs], cfg.temperature, cfg.teacher_weights)
+        else:
+            values, indices = cache[VALUES], cache[INDICES]
+            if values.dim() == 3:  # collator padding may differ from the student's sequence length
+                values, indices = values[:, : s_logits.shape[1]], indices[:, : s_logits.shape[1]]
+            t_logp = L.cached_log_probs(values, cfg.temperature)
+        mask = None
+        if s_logits.dim() == 3:
+            if self._causal:
+                s_logits, mask = L.causal_shift(s_logits, labels, attention_mask)
+                t_logp = t_logp[:, :-1]
+                indices = None if indices is None else indices[:, :-1]
+            else:
+                mask = L.token_mask(labels, attention_mask)
+        return L.kd_loss(s_logits, t_logp, cfg.kd_loss, cfg.temperature, cfg.beta, mask, indices)
+
+    def _hidden_loss(self, s_hidden, t_hidden, mask) -> torch.Tensor:
+        cfg = self.distillation_config
+        total = 0.0
+        for s, t in self.layer_map.items():
+            h = s_hidden[s + 1].float()  # hidden_states[0] is the embedding output
+            if str(s) in self.projections:
+                h = self.projections[str(s)](h)
+            total = total + L.hidden_loss(h, t_hidden[t + 1], cfg.hidden_loss, mask)
+        return total / len(self.layer_map)
+
+    def _attention_loss(self, s_attn, t_attn, mask) -> torch.Tensor:
+        if not s_attn or not t_attn:
+            raise ValueError("attention_loss_weight > 0 but the model returned no attention maps; use eager attention.")
+        total = 0.0
+        for s, t in self.layer_map.items():
+            total = total + L.attention_loss(s_attn[s], t_attn[t], mask)
+        return total / len(self.layer_map)
+
+    def _raise_non_finite(self, parts: dict[str, torch.Tensor]) -> None:
+        bad = [n for n, v in parts.items() if not bool(torch.isfinite(v))] or ["total"]
+        values = {n: float(v.detach()) for n, v in parts.items()}
+        raise FloatingPointError(
+            f"DistillationTrainer: the {' and '.join(bad)} loss part is NaN/Inf at step {self.state.global_step + 1} "
+            f"(parts: {values}). Lower the learning rate or temperature, check the inputs and the teacher's logits "
+            "(fp16 overflow?), or set check_finite=False to let the Trainer skip such steps."
+        )
+
+    # ---- logging and evaluation ----------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds `hard_loss`, `soft_loss`, `hidden_loss`, `attention_loss` (means since the last log) to training logs."""
+        if "loss" in logs and self._part_count:
+            names = sorted(self._part_sums)
+            means = torch.stack([self._part_sums[n] for n in names]) / self._part_count
+            if self.accelerator.num_processes > 1:
+                means = self.accelerator.reduce(means, reduction="mean")
+            for name, value in zip(names, means.tolist()):
+                logs[f"{name}_loss"] = value
+            self._part_sums, self._part_count = {}, 0
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation never sees the cache columns (the student's forward does not take them)."""
+        inputs = {k: v for k, v in inputs.items() if k not in COLUMNS}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)

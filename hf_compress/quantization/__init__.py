@@ -1,0 +1,150 @@
+"""Quantisation on bare nn.Modules: one numerics (numerics.py) for QAT, PTQ and export.
+
+Public functions:
+    build_plan(model, config)            which Linear layers, with which scheme
+    insert_fake_quant / remove_fake_quant  QAT's in-place fake quantisation (Parameters untouched)
+    finalize(model, plan, export)        end of QAT / PTQ: bake the grid into the float weights, or
+                                         convert to real low-bit layers; records the scheme
+    rebuild_quantized(model, meta)       reload path, called by hf_compress.serialization.load_pretrained
+    quantize_model(model, config, calib_dataloader=None)   PTQ (hf_compress.quantization.ptq)
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modules import out_axis
+from .backends import get_backend
+from .fake_quant import (
+    commit_observers,
+    fake_quant_layers,
+    insert_fake_quant,
+    is_fake_quant,
+    observers,
+    remove_fake_quant,
+    restore_layer,
+    set_observing,
+)
+from .numerics import QScheme, dequantize_weight, fake_quantize, fake_quantize_weight, qparams, quantize_weight
+from .observers import Observer
+from .plan import ActScheme, LayerPlan, build_plan, in_features
+
+FORMAT_VERSION = 1
+
+__all__ = [
+    "ActScheme", "LayerPlan", "Observer", "QScheme", "build_plan", "commit_observers", "dequantize_weight",
+    "fake_quant_layers", "fake_quantize", "fake_quantize_weight", "finalize", "get_backend", "insert_fake_quant",
+    "is_fake_quant", "observers", "qparams", "quantize_model", "quantize_weight", "rebuild_quantized",
+    "remove_fake_quant", "set_observing",
+]
+
+
+def _fit(scheme: QScheme, width: int, name: str) -> QScheme:
+    """A scheme whose groups tile `width` (structured pruning may have narrowed a layer after QAT)."""
+    if not scheme.group_size or width % scheme.group_size == 0:
+        return scheme
+    warnings.warn(
+        f"{name}: input width {width} is no longer a multiple of group_size={scheme.group_size} "
+        "(pruned after QAT?); quantising it per channel."
+    )
+    return QScheme(scheme.bits, scheme.symmetric, True, None, "int")
+
+
+def finalize(
+    model: nn.Module, plan: dict[str, LayerPlan], export: str | None = None, keep_input_quant: bool = False
+) -> dict[str, Any]:
+    """End of QAT or PTQ: make the targeted layers what ships, and record the scheme.
+
+    `export=None`: each targeted weight is replaced by its quantised-dequantised value (float storage,
+    every group of each output channel on ≤ 2^bits levels) and fake quantisation is removed — unless
+    `keep_input_quant` (static PTQ), where layers keep quantising their inputs with their frozen ranges,
+    which are recorded so that `load_pretrained` restores them.
+    `export=<backend>`: each targeted layer becomes that backend's real low-bit layer, built with the
+    same numerics from the float master weight. Layers that no longer exist (removed by structured
+    pruning) are skipped; layers pruning replaced by plain Linears are quantised all the same.
+    Returns the metadata recorded under ``config.hf_compress["quantization"]``.
+    """
+    backend = get_backend(export) if export else None
+    if backend is not None:
+        backend.require()
+    modules = dict(model.named_modules())
+    layers = {}
+    for name, lp in plan.items():
+        m = modules.get(name)
+        if m is None:
+            continue
+        axis = out_axis(m)
+        width, out = m.weight.shape[1 - axis], m.weight.shape[axis]
+        lp = LayerPlan(_fit(lp.weight, width, name), lp.act)
+        entry = {"in_features": width, "out_features": out, "bias": m.bias is not None}
+        obs = getattr(m, "input_observer", None)
+        keep = keep_input_quant and backend is None and obs is not None and obs.ready
+        if is_fake_quant(m) and not keep:
+            restore_layer(m)
+        if keep:
+            m.hfc_plan = lp
+            obs.observing = False
+            entry["input_range"] = [float(obs.lo), float(obs.hi)]
+        if backend is None:
+            with torch.no_grad():
+                m.weight.copy_(fake_quantize_weight(m.weight.detach(), lp.weight, axis))
+        else:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, backend.convert(m, lp.weight, axis).train(m.training))
+        layers[name] = {**lp.to_dict(), **entry}
+    meta = {"version": FORMAT_VERSION, "backend": export, "layers": layers}
+    if hasattr(model, "config"):
+        from ..serialization import record
+
+        record(model, "quantization", meta)
+    return meta
+
+
+def rebuild_quantized(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
+    """Replace the recorded layers by empty low-bit layers of the recorded backend, before weights load.
+
+    With ``backend: None`` the quantised weights were saved as floats: nothing to rebuild.
+    """
+    if not isinstance(meta, dict) or "layers" not in meta:
+        raise ValueError(f"config.hf_compress['quantization'] is malformed: {meta!r:.200}")
+    if meta.get("version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ValueError(
+            f"This model was quantised by a newer hf_compress (format {meta['version']} > {FORMAT_VERSION}): upgrade hf_compress."
+        )
+    export = meta.get("backend")
+    if not export:  # float weights already on the grid; static PTQ layers get their input ranges back
+        static = {n: d for n, d in meta["layers"].items() if d.get("input_range")}
+        if static:
+            insert_fake_quant(model, {n: LayerPlan.from_dict(d) for n, d in static.items()})
+            for name, d in static.items():
+                obs = model.get_submodule(name).input_observer
+                obs.load_state({"lo": torch.tensor(d["input_range"][0]), "hi": torch.tensor(d["input_range"][1]),
+                                "initialized": torch.tensor(True)})
+                obs.observing = False
+        return model
+    backend = get_backend(export)
+    backend.require()
+    for name, d in meta["layers"].items():
+        lp = LayerPlan.from_dict(d)
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            getattr(parent, child)
+        except AttributeError as e:
+            raise ValueError(f"Quantised layer {name!r} recorded in config.json does not exist in {type(model).__name__}.") from e
+        setattr(parent, child, backend.empty(d["in_features"], d["out_features"], d["bias"], lp.weight))
+    return model
+
+
+def quantize_model(*args, **kwargs):
+    from .ptq import quantize_model as _q
+
+    return _q(*args, **kwargs)
+
+
+quantize_model.__doc__ = "PTQ entry point; see hf_compress.quantization.ptq.quantize_model."

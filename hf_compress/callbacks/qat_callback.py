@@ -1,0 +1,161 @@
+"""`QATCallback`: quantisation-aware training inside any `transformers.Trainer`.
+
+Event by event (public TrainerCallback events only):
+- on_init_end: select the targeted layers and check them against the config (targets matching
+  nothing, group sizes not dividing a width) — bad input fails when the Trainer is built.
+- on_train_begin (or on_step_begin of `start_step`): fake quantisation goes into the targeted layers
+  in place. The Trainer built its optimizer before this event, and that is fine: the layers keep their
+  `weight` / `bias` Parameter objects, so the optimizer updates the float master weights. On resume,
+  the observers' ranges come back from the checkpoint (a different config is refused).
+- on_step_end: activation observers commit this step's statistics (reduced over all ranks first, so
+  every rank uses the same ranges), and stop moving at `freeze_observers_step`.
+- on_log: fraction of Linear layers under fake quantisation and a summary of the observed ranges.
+- on_save: observer state and QAT state into the checkpoint (hf_compress/qat.*).
+- on_train_end: `export=None` — the targeted weights become their quantised-dequantised values and
+  the fake quantisation is removed; otherwise the layers become real low-bit layers. Either way the
+  scheme is recorded in the model config so `hf_compress.load_pretrained` rebuilds the same model.
+
+With pruning: list `PruningCallback` before `QATCallback`. on_train_end events run in list order, so
+pruning removes its structure first and QAT then quantises the layers that remain (zeros stay zeros:
+0.0 is always on the grid).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+
+from ..checkpointing import find_resume_dir, load_state, save_state
+from ..modules import is_linear, unwrap
+from ..quantization import (
+    build_plan,
+    fake_quant_layers,
+    finalize,
+    insert_fake_quant,
+    observers,
+    set_observing,
+)
+from ..quantization.observers import sync_observers
+from .qat_config import QATConfig
+
+NAME = "qat"
+
+
+class QATCallback(TrainerCallback):
+    def __init__(self, config: QATConfig | None = None, **kwargs):
+        if config is not None and kwargs:
+            raise ValueError("QATCallback: pass either a QATConfig or keyword options, not both.")
+        self.config = config if config is not None else QATConfig(**kwargs)
+        self.plan = None
+        self.model = None
+        self.active = False  # fake quantisation is in the model
+        self._observers = []  # cached: the hot path does not walk the module tree
+        self.result: dict | None = None  # metadata recorded at the end of training
+
+    # ------------------------------------------------------------------ helpers
+    def _plan(self, model):
+        model = unwrap(model)
+        if self.plan is None or self.model is not model:
+            self.plan, self.model = build_plan(model, self.config), model
+        return self.plan
+
+    def _activate(self, model, step: int) -> None:
+        insert_fake_quant(model, self.plan)
+        f = self.config.freeze_observers_step
+        set_observing(model, f is None or step < f)
+        self._observers = list(observers(model).values())
+        self.active = True
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, obs in observers(self.model).items():
+            out.update({f"{name}.{k}": v for k, v in obs.state().items()})
+        return out
+
+    # ------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self._plan(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model = unwrap(model)
+        self._plan(model)
+        self.result, self.active = None, bool(fake_quant_layers(model))
+        ckpt = find_resume_dir(args, state)
+        meta = None
+        if ckpt is not None:
+            tensors, meta = load_state(ckpt, NAME, config=self.config.to_dict())
+        if state.global_step >= self.config.start_step:
+            self._activate(model, state.global_step)
+        if meta is not None and meta.get("active"):
+            dev = next(model.parameters()).device
+            for name, obs in observers(model).items():
+                obs.load_state({k: tensors[f"{name}.{k}"].to(dev) for k in ("lo", "hi", "initialized")})
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.model is not None and state.global_step >= self.config.start_step and not self.active:
+            self._activate(self.model, state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.active:
+            return
+        if not self._observers:
+            return
+        sync_observers(self._observers)
+        for o in self._observers:
+            o.commit()
+        f = self.config.freeze_observers_step
+        if f is not None and state.global_step >= f:
+            for o in self._observers:
+                o.observing = False
+
+    def summary(self) -> dict[str, float]:
+        """Fraction of Linear layers under fake quantisation and the observed activation ranges."""
+        model = self.model
+        if model is None:
+            return {}
+        n_linear = sum(1 for _, m in model.named_modules() if is_linear(m))
+        layers = fake_quant_layers(model)
+        out = {f"{NAME}/fake_quant_fraction": round(len(layers) / max(n_linear, 1), 6)}
+        obs = [o for o in observers(model).values() if o.ready]
+        if obs:
+            lo = torch.stack([o.lo for o in obs])
+            hi = torch.stack([o.hi for o in obs])
+            out.update({
+                f"{NAME}/act_min": round(lo.min().item(), 6),
+                f"{NAME}/act_max": round(hi.max().item(), 6),
+                f"{NAME}/act_range_mean": round((hi - lo).mean().item(), 6),
+            })
+        if layers:
+            with torch.no_grad():
+                amax = torch.stack([m.weight.detach().abs().amax().float() for m in layers.values()])
+            out[f"{NAME}/weight_absmax_max"] = round(amax.max().item(), 6)
+            out[f"{NAME}/weight_absmax_mean"] = round(amax.mean().item(), 6)
+        return out
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or self.model is None:
+            return
+        extra = self.summary()
+        logs.update(extra)
+        # the Trainer appended a copy of `logs` to the history just before calling us: keep it complete
+        if state.log_history and set(state.log_history[-1]) - {"step"} <= set(logs):
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.model is None:
+            return
+        meta = {
+            "config": self.config.to_dict(),
+            "step": state.global_step,
+            "active": self.active,
+            "observing": any(o.observing for o in self._observers),
+        }
+        save_state(args, state, NAME, self.state_tensors(), meta)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.model is None:
+            return
+        model = unwrap(model) if model is not None else self.model
+        self.result = finalize(model, self.plan, self.config.export)
+        self.active, self._observers = False, []

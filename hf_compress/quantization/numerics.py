@@ -1,0 +1,252 @@
+"""The one quantise / dequantise used by QAT, PTQ and every export backend.
+
+Uniform ("int") grid, the scale / zero-point formula:
+
+    q  = clamp(round(r / S + Z), qmin, qmax)        r̂ = (q - Z) · S
+
+* symmetric: Z = 0, S = max|r| / qmax, q in [-(2^(b-1) - 1), 2^(b-1) - 1] (the "restricted" range,
+  so that +max and -max are both exact and int8 kernels never see -128);
+* asymmetric: q in [-2^(b-1), 2^(b-1) - 1], S = (max - min) / (qmax - qmin), Z = qmin - round(min / S).
+  The observed range is first widened to contain 0 and Z is an *integer* inside [qmin, qmax], so the
+  real value 0.0 is exactly on the grid (q = Z): pruned zeros stay exactly zero after quantisation.
+
+"nf4" grid (bitsandbytes' NormalFloat4, for the bnb-nf4 export): r̂ = code[i] · absmax(group), with i
+the nearest of 16 fixed levels that include 0.0; groups of `group_size` along the input dimension are
+exactly bitsandbytes' blocks, so what QAT trains on is what bitsandbytes stores.
+
+Granularity: per tensor, per output channel, or per group of `group_size` consecutive input features
+of each output channel. Weights are handled as [out, in] (GPT-2's Conv1D stores [in, out]: `axis=1`).
+
+`round` is round-half-to-even (torch.round), as in PyTorch's own quantisers. Every computation runs in
+float32 whatever the input dtype (bf16 / fp16 / autocast) and the result is cast back.
+
+Straight-through estimator: d r̂ / d r = 1 where round(r/S + Z) lies inside [qmin, qmax] and 0 where it
+was clamped; scales and zero points get no gradient (they are statistics of the tensor, not learnt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+FORMATS = ("int", "nf4")
+# bitsandbytes' NF4 levels (QLoRA, arXiv:2305.14314), as hard-coded in bitsandbytes.functional
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+NF4_GROUP_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' allowed blocksizes
+
+
+@dataclass(frozen=True)
+class QScheme:
+    """How one tensor is quantised. JSON round trip with `to_dict` / `QScheme(**d)`."""
+
+    bits: int = 8
+    symmetric: bool = True
+    per_channel: bool = True
+    group_size: int | None = None
+    format: str = "int"
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r}: use one of {FORMATS}.")
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits!r} is not supported: use an integer from 2 to 8 (usually 8 or 4).")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise ValueError(f"group_size={self.group_size!r}: use a positive integer, or None.")
+        if self.format == "nf4":
+            if self.bits != 4 or self.group_size not in NF4_GROUP_SIZES or not self.symmetric:
+                raise ValueError(
+                    f"format='nf4' needs bits=4, symmetric=True and group_size in {NF4_GROUP_SIZES} "
+                    f"(got bits={self.bits}, symmetric={self.symmetric}, group_size={self.group_size})."
+                )
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) + (1 if self.symmetric else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def granularity(self) -> str:
+        return "group" if self.group_size else ("channel" if self.per_channel else "tensor")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check_width(self, in_features: int, name: str = "layer") -> None:
+        """Group-wise schemes need groups that tile the input width exactly."""
+        if self.group_size and in_features % self.group_size:
+            raise ValueError(
+                f"`group_size`={self.group_size} does not divide the input width {in_features} of {name}: "
+                f"use a divisor of {in_features} (e.g. 32, 64, 128) or exclude that layer."
+            )
+
+
+# ---------------------------------------------------------------- scale / zero point
+
+
+def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) for values observed in [lo, hi]; float32 tensors, Z integer-valued.
+
+    The range is widened to contain 0, so 0.0 always maps to the integer Z and back to exactly 0.
+    """
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    qmax = 2 ** (bits - 1) - 1
+    if symmetric:
+        scale = torch.maximum(-lo, hi) / qmax
+        zero = torch.zeros_like(scale)
+    else:
+        qmin = -(2 ** (bits - 1))
+        scale = (hi - lo) / (qmax - qmin)
+    # an all-zero range: any scale represents it exactly; 1 avoids 0/0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if not symmetric:
+        zero = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    return scale, zero
+
+
+class _FakeQuant(torch.autograd.Function):
+    """r̂ = (clamp(round(r/S + Z)) - Z)·S with the clipped straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero, qmin, qmax):
+        q = torch.round(x / scale + zero)
+        inside = (q >= qmin) & (q <= qmax)
+        ctx.save_for_backward(inside)
+        return (torch.clamp(q, qmin, qmax) - zero) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Integer codes (as float32): clamp(round(x / S + Z), qmin, qmax)."""
+    return torch.clamp(torch.round(x.float() / scale + zero), qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (q.float() - zero) * scale
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """quantize → dequantize in float32, differentiable (STE), cast back to x's dtype."""
+    return _FakeQuant.apply(x.float(), scale, zero, qmin, qmax).to(x.dtype)
+
+
+# ---------------------------------------------------------------- NF4
+
+
+def _nf4_code(device) -> torch.Tensor:
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+def _nf4_index(normed: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest NF4 level of values in [-1, 1] (midpoint boundaries, like bitsandbytes)."""
+    code = _nf4_code(normed.device)
+    return torch.bucketize(normed, (code[1:] + code[:-1]) / 2)
+
+
+class _FakeNF4(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, groups, absmax):
+        return _nf4_code(groups.device)[_nf4_index(groups / absmax)] * absmax
+
+    @staticmethod
+    def backward(ctx, grad):  # every value lies inside [-absmax, absmax]: identity
+        return grad, None
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _grouped(w: torch.Tensor, scheme: QScheme, axis: int) -> torch.Tensor:
+    """float32 view [out, n_groups, group] of a weight (out = 1 for per-tensor)."""
+    w2 = w.float()
+    if axis != 0:
+        w2 = w2.transpose(0, axis)
+    w2 = w2.reshape(w2.shape[0], -1)
+    if scheme.group_size:
+        scheme.check_width(w2.shape[1])
+        return w2.reshape(w2.shape[0], -1, scheme.group_size)
+    if scheme.per_channel:
+        return w2.unsqueeze(1)
+    return w2.reshape(1, 1, -1)
+
+
+def _ungroup(g: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+    shape = list(like.shape)
+    if axis != 0:
+        shape[0], shape[axis] = shape[axis], shape[0]
+    out = g.reshape(shape)
+    return out.transpose(0, axis) if axis != 0 else out
+
+
+def weight_qparams(w: torch.Tensor, scheme: QScheme, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of shape [out or 1, n_groups, 1] from the weight's own min / max (abs max for nf4)."""
+    with torch.no_grad():
+        g = _grouped(w, scheme, axis)
+        if scheme.format == "nf4":
+            absmax = g.abs().amax(-1, keepdim=True)
+            return torch.where(absmax > 0, absmax, torch.ones_like(absmax)), torch.zeros_like(absmax)
+        return qparams(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), scheme.bits, scheme.symmetric)
+
+
+def fake_quantize_weight(w: torch.Tensor, scheme: QScheme, axis: int = 0) -> torch.Tensor:
+    """The weight as the forward pass of QAT (and every export) sees it; gradients by STE."""
+    scale, zero = weight_qparams(w, scheme, axis)
+    g = _grouped(w, scheme, axis)
+    if scheme.format == "nf4":
+        out = _FakeNF4.apply(g, scale)
+    else:
+        out = _FakeQuant.apply(g, scale, zero, scheme.qmin, scheme.qmax)
+    return _ungroup(out, w, axis).to(w.dtype)
+
+
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor, scheme: QScheme, axis: int = 0) -> dict[str, torch.Tensor]:
+    """Integer storage of a weight, in [out, in] layout, for the export backends.
+
+    int:  {"q": int8 [out, in], "scale": float32 [out, n_groups], "zero": int8 [out, n_groups]}
+          (per-tensor parameters are repeated on every row);
+    nf4:  {"index": uint8 [out, in] (0..15), "absmax": float32 [out, n_groups]}.
+    `dequantize_weight` of the result equals `fake_quantize_weight(w)` exactly.
+    """
+    g = _grouped(w, scheme, axis)
+    scale, zero = weight_qparams(w, scheme, axis)
+    out_features = w.shape[axis]
+    if scheme.format == "nf4":
+        idx = _nf4_index(g / scale).to(torch.uint8)
+        return {"index": idx.reshape(out_features, -1), "absmax": scale.reshape(out_features, -1)}
+    q = quantize(g, scale, zero, scheme.qmin, scheme.qmax)
+    rows = g.shape[0]  # 1 for per-tensor
+    q = q.reshape(out_features, -1).to(torch.int8)
+    scale = scale.reshape(rows, -1).expand(out_features, -1).contiguous()
+    zero = zero.reshape(rows, -1).expand(out_features, -1).to(torch.int8).contiguous()
+    return {"q": q, "scale": scale, "zero": zero}
+
+
+def dequantize_weight(stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float32 [out, in] weight from `quantize_weight`'s storage."""
+    if "index" in stored:
+        idx, absmax = stored["index"], stored["absmax"]
+        g = _nf4_code(idx.device)[idx.long()].reshape(absmax.shape[0], absmax.shape[1], -1)
+        return (g * absmax.unsqueeze(-1)).reshape(idx.shape)
+    q, scale, zero = stored["q"], stored["scale"], stored["zero"]
+    g = q.float().reshape(scale.shape[0], scale.shape[1], -1)
+    return dequantize(g, scale.unsqueeze(-1), zero.float().unsqueeze(-1)).reshape(q.shape)
+
+
+def grid_levels(w: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """Number of distinct values in each output channel (tests / reports: ≤ 2^bits after quantisation)."""
+    w2 = (w.transpose(0, axis) if axis else w).reshape(w.shape[axis], -1)
+    return torch.tensor([row.unique().numel() for row in w2])

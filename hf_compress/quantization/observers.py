@@ -1,0 +1,138 @@
+"""Activation range observers: minmax, moving_average, percentile.
+
+An observer watches the input of one layer. Statistics of the batches of the current optimizer step
+accumulate in `pending_*` buffers; `commit()` (once per optimizer step, after `sync_observers` has
+reduced the pending statistics over all ranks) folds them into the range used for quantisation. So
+within a step every rank quantises with the same, already committed range, and no host sync happens
+in the forward pass. Before the first commit an observer is not `ready` and its layer's activations
+stay in float.
+
+Buffers are non-persistent: they never enter the model's state_dict (the model saves and reloads as a
+plain model); `state()` / `load_state()` carry them into Trainer checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .numerics import qparams
+
+KINDS = ("minmax", "moving_average", "percentile")
+MAX_SAMPLES = 1 << 16  # percentile: a strided subsample keeps the quantile cheap on large batches
+
+
+class Observer(nn.Module):
+    """Running range [lo, hi] of the tensors it sees (per tensor)."""
+
+    def __init__(self, kind: str = "minmax", averaging: float = 0.01, percentile: float = 99.99):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"observer={kind!r}: use one of {KINDS}.")
+        if not 0 < averaging <= 1:
+            raise ValueError(f"averaging={averaging}: use a value in (0, 1].")
+        if not 50 < percentile <= 100:
+            raise ValueError(f"percentile={percentile}: use a value in (50, 100], e.g. 99.99.")
+        self.kind, self.averaging, self.percentile = kind, averaging, percentile
+        self.observing = True  # False once frozen
+        self.observe_in_eval = False  # PTQ calibration observes with the model in eval mode
+        self.ready = False  # True after the first commit that had data
+        self._seen = False  # a batch arrived since the last commit (python side: no host sync)
+        for name in ("lo", "hi"):
+            self.register_buffer(name, torch.zeros(()), persistent=False)
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.register_buffer("pending", torch.zeros(3), persistent=False)  # lo, hi, count
+        self._reset_pending()
+
+    def _reset_pending(self):
+        if self.kind == "percentile":  # sums of per-batch percentiles
+            self.pending.zero_()
+        else:  # min / max over the step's batches
+            self.pending.copy_(torch.tensor([float("inf"), float("-inf"), 0.0]))
+
+    @torch.no_grad()
+    def batch_range(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().float().reshape(-1)
+        if self.kind != "percentile":
+            return torch.stack([x.min(), x.max()])
+        if x.numel() > MAX_SAMPLES:
+            x = x[:: -(-x.numel() // MAX_SAMPLES)]
+        p = self.percentile / 100
+        return torch.quantile(x, torch.tensor([1 - p, p], device=x.device))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Record the batch (when observing); returns x unchanged."""
+        if self.observing and x.numel():
+            r = self.batch_range(x)
+            if self.kind == "percentile":
+                self.pending[:2] += r
+            else:
+                self.pending[0] = torch.minimum(self.pending[0], r[0])
+                self.pending[1] = torch.maximum(self.pending[1], r[1])
+            self.pending[2] += 1
+            self._seen = True
+        return x
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Fold the pending statistics into [lo, hi] (tensor ops only; a step without data changes nothing)."""
+        n = self.pending[2]
+        has = n > 0
+        lo, hi = self.pending[0], self.pending[1]
+        if self.kind == "percentile":
+            lo, hi = lo / n.clamp(min=1), hi / n.clamp(min=1)
+        if self.kind == "minmax":
+            new_lo, new_hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
+        else:  # exponential moving average of the per-step ranges
+            c = self.averaging
+            new_lo, new_hi = self.lo + c * (lo - self.lo), self.hi + c * (hi - self.hi)
+        first = has & ~self.initialized
+        self.lo.copy_(torch.where(first, lo, torch.where(has, new_lo, self.lo)))
+        self.hi.copy_(torch.where(first, hi, torch.where(has, new_hi, self.hi)))
+        self.initialized |= has
+        self._reset_pending()
+        self.ready = self.ready or self._seen
+        self._seen = False
+
+    def qparams(self, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return qparams(self.lo, self.hi, bits, symmetric)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"lo": self.lo, "hi": self.hi, "initialized": self.initialized}
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k in ("lo", "hi", "initialized"):
+            getattr(self, k).copy_(tensors[k])
+        self._reset_pending()
+        self._seen = False
+        self.ready = bool(self.initialized)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, observing={self.observing}, ready={self.ready}"
+
+
+@torch.no_grad()
+def sync_observers(observers: list[Observer]) -> None:
+    """Reduce the pending statistics over all ranks (one collective), so every rank commits the same range."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    # every rank holds the same observers in the same order, so the collectives line up
+    for kind in KINDS:
+        live = [o for o in observers if o.observing and o.kind == kind]
+        if not live:
+            continue
+        flat = torch.stack([o.pending for o in live])
+        if kind == "percentile":  # means of per-batch percentiles: sum the sums and the counts
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        else:  # min of lo, max of hi: one MAX over (-lo, hi); counts: one SUM
+            mm = torch.stack([-flat[:, 0], flat[:, 1]], 1)
+            dist.all_reduce(mm, op=dist.ReduceOp.MAX)
+            counts = flat[:, 2].contiguous()
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            flat = torch.stack([-mm[:, 0], mm[:, 1], counts], 1)
+        for o, row in zip(live, flat):
+            o.pending.copy_(row)

@@ -1,0 +1,108 @@
+"""Which layers get quantised, and how: one `LayerPlan` per targeted Linear.
+
+Built from any object with QATConfig's fields (QATConfig itself, or a namespace): the quantization
+package never imports the callbacks package, so QAT, PTQ and `rebuild_quantized` all share this.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from ..modules import out_axis, select_modules
+from .numerics import QScheme
+
+
+@dataclass(frozen=True)
+class ActScheme:
+    """Per-tensor fake quantisation of a layer's input, with ranges from an observer."""
+
+    bits: int = 8
+    symmetric: bool = False
+    observer: str = "moving_average"
+    percentile: float = 99.99
+    averaging: float = 0.01
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) + (1 if self.symmetric else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    weight: QScheme
+    act: ActScheme | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weight": self.weight.to_dict(), "act": asdict(self.act) if self.act else None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerPlan":
+        return cls(QScheme(**d["weight"]), ActScheme(**d["act"]) if d.get("act") else None)
+
+
+def _get(config, name, default=None):
+    if isinstance(config, dict):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def layer_bits(name: str, config) -> int:
+    """Bits of one layer: the first `layer_bits` regex that matches its name, else `weight_bits`."""
+    for pattern, bits in (_get(config, "layer_bits") or {}).items():
+        if re.search(pattern, name):
+            return int(bits)
+    return int(_get(config, "weight_bits", 8))
+
+
+def scheme_for_bits(bits: int, config) -> QScheme:
+    """The weight scheme of a layer with `bits`: NF4 replaces the uniform 4-bit grid when asked."""
+    fmt = _get(config, "weight_format") or "int"
+    if fmt == "nf4" and bits == 4:
+        return QScheme(bits=4, symmetric=True, per_channel=True, group_size=_get(config, "group_size") or 64, format="nf4")
+    group = _get(config, "group_size") if bits <= 4 else None  # groups are for low-bit layers only
+    return QScheme(
+        bits=bits,
+        symmetric=bool(_get(config, "symmetric", True)),
+        per_channel=bool(_get(config, "per_channel", True)),
+        group_size=group,
+    )
+
+
+def act_scheme(config) -> ActScheme | None:
+    bits = _get(config, "activation_bits")
+    if not bits:
+        return None
+    return ActScheme(
+        bits=int(bits),
+        symmetric=bool(_get(config, "activation_symmetric", False)),
+        observer=_get(config, "observer", "moving_average"),
+        percentile=float(_get(config, "percentile", 99.99)),
+        averaging=float(_get(config, "averaging", 0.01)),
+    )
+
+
+def in_features(module: nn.Module) -> int:
+    return module.weight.shape[1 - out_axis(module)]
+
+
+def build_plan(model: nn.Module, config) -> dict[str, LayerPlan]:
+    """{layer name: LayerPlan} for the Linear layers selected by `targets` / `exclude`.
+
+    Raises ValueError when nothing matches or a group size does not tile a layer's input width.
+    """
+    chosen = select_modules(model, _get(config, "targets"), _get(config, "exclude"), field="targets")
+    act = act_scheme(config)
+    plan = {}
+    for name, module in chosen.items():
+        scheme = scheme_for_bits(layer_bits(name, config), config)
+        scheme.check_width(in_features(module), name)
+        plan[name] = LayerPlan(scheme, act)
+    return plan

@@ -1,0 +1,160 @@
+"""`PruningCallback`: gradual magnitude / movement / Taylor pruning inside any `transformers.Trainer`.
+
+Event by event (public TrainerCallback events only):
+- on_init_end: select the targeted Linear layers and check the config against the model (bad input fails
+  when the Trainer is built, before any training).
+- on_train_begin: fix the schedule to the run's length; on resume, restore masks, scores and the rewind
+  snapshot from the checkpoint (refusing a different config).
+- on_pre_optimizer_step: gradients are final here (accumulated, all-reduced under DDP, clipped):
+  accumulate gradient scores, recompute masks at update points, zero the gradients of pruned weights
+  (so AdamW's moments stay zero).
+- on_optimizer_step: re-apply the masks, so no optimizer state (momentum, weight decay) revives a weight.
+- on_step_end: lottery-ticket snapshot and rewind.
+- on_log: sparsity in the logs (per module in the last one). on_save: masks and scores into the checkpoint.
+- on_train_end: structured pruning becomes physical (`hf_compress.pruning.remove_pruned`) and what was
+  pruned is recorded in the model config, so `hf_compress.load_pretrained` rebuilds it.
+It only touches the `model` the Trainer hands it — the student under DistillationTrainer.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from ..checkpointing import find_resume_dir, load_state, save_state
+from ..modules import unwrap
+from ..pruning import Pruner, is_update_step, remove_pruned, sparsity_at
+from ..pruning.pruner import check_plain
+from ..serialization import get_metadata, record
+from .pruning_config import PruningConfig
+
+
+class PruningCallback(TrainerCallback):
+    def __init__(self, config: PruningConfig | None = None, **kwargs):
+        if config is not None and kwargs:
+            raise ValueError("PruningCallback: pass either a PruningConfig or keyword options, not both.")
+        self.config = config if config is not None else PruningConfig(**kwargs)
+        self.name = self.config.tag
+        self.pruner: Pruner | None = None
+        self.end: int | None = None
+        self.snapshot = None  # weights at rewind_step, until they are used
+        self.removed: dict | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _pruner(self, model) -> Pruner:
+        model = unwrap(model)
+        if self.pruner is None or not self.pruner.same_model(model):
+            c = self.config
+            self.pruner = Pruner(model, c.method, c.granularity, c.scope, c.n, c.m, c.targets, c.exclude)
+            self.pruner.check_target(c.target_sparsity)
+        return self.pruner
+
+    def sparsity_at(self, step: int) -> float:
+        """The schedule's sparsity after `step` optimizer steps (needs the run length: set at train begin)."""
+        c = self.config
+        end = self.end if self.end is not None else c.resolve_end(0)
+        return sparsity_at(step, c.target_sparsity, c.start_step, end, c.frequency, c.schedule)
+
+    def _state(self) -> dict:
+        tensors = dict(self.pruner.state_dict())
+        if self.snapshot is not None:
+            tensors.update({f"rewind.{x}": s for x, s in zip(self.pruner.names, self.snapshot)})
+        return tensors
+
+    # ------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self._pruner(model)
+        if args.max_steps and args.max_steps > 0:
+            self.config.resolve_end(args.max_steps)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        pruner = self._pruner(model)
+        check_plain(dict(zip(pruner.names, (pruner.model.get_submodule(x) for x in pruner.names))))
+        c = self.config
+        self.end = c.resolve_end(state.max_steps)
+        ckpt = find_resume_dir(args, state)
+        if ckpt is not None:
+            tensors, _ = load_state(ckpt, self.name, config=c.to_dict())
+            pruner.load_state_dict(tensors)
+            if f"rewind.{pruner.names[0]}" in tensors:
+                dev = pruner.weights[0].device
+                self.snapshot = [tensors[f"rewind.{x}"].to(dev) for x in pruner.names]
+            return
+        if c.rewind_step == 0:
+            self.snapshot = pruner.snapshot()
+        s0 = self.sparsity_at(0)
+        if s0 > 0:
+            if pruner.needs_grads:
+                raise ValueError(
+                    f"PruningConfig: method={c.method!r} needs gradients before its first mask, but the schedule "
+                    "prunes at step 0: set start_step >= 1 or end_step > start_step."
+                )
+            pruner.update(s0)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        p, c = self.pruner, self.config
+        nxt = state.global_step + 1  # steps completed once this optimizer step is done
+        if nxt <= self.end:
+            p.accumulate()
+            if is_update_step(nxt, c.start_step, self.end, c.frequency, c.schedule):
+                p.update(self.sparsity_at(nxt))
+        p.mask_grads()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.pruner.apply()
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        c, step = self.config, state.global_step
+        if c.rewind_step is None:
+            return
+        if step == c.rewind_step and self.snapshot is None:
+            self.snapshot = self.pruner.snapshot()
+        if step == self.end and self.snapshot is not None:
+            self.pruner.rewind(self.snapshot, optimizer)
+            self.snapshot = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.pruner is None or logs is None:
+            return
+        extra = {f"{self.name}/sparsity": round(self.pruner.sparsity(), 6), f"{self.name}/target": round(self.sparsity_at(state.global_step), 6)}
+        if self.config.structured:
+            extra[f"{self.name}/units_removed"] = self.pruner.units_removed()
+        if "train_runtime" in logs:  # the end-of-training log: per module as well
+            extra.update({f"{self.name}/sparsity/{k}": round(v, 6) for k, v in self.pruner.sparsity(per_module=True).items()})
+        logs.update(extra)
+        # the Trainer appended a copy of `logs` to the history just before calling us: keep it complete
+        if state.log_history and set(state.log_history[-1]) - {"step"} <= set(logs):
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.pruner is None:
+            return
+        meta = {"config": self.config.to_dict(), "step": state.global_step, "end_step": self.end}
+        save_state(args, state, self.name, self._state(), meta)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.pruner is None:
+            return
+        c = self.config
+        info = {
+            "granularity": c.granularity if c.granularity != "n:m" else f"{c.n}:{c.m}",
+            "method": c.method,
+            "target_sparsity": c.target_sparsity,
+            "sparsity": round(self.pruner.sparsity(), 6),
+            "modules": len(self.pruner.names),
+        }
+        model = unwrap(model if model is not None else self.pruner.model)
+        if c.structured and c.remove_pruned:
+            self.removed = remove_pruned(model, info)
+            self.pruner = None  # its masks describe the layers that were just replaced
+        else:
+            meta = get_metadata(model).get("pruning", {})
+            meta.setdefault("runs", []).append(info)
+            record(model, "pruning", meta)
+
+    def summary(self) -> dict:
+        """Sparsity now (overall and per module) and what the end of training removed."""
+        out = {"removed": self.removed}
+        if self.pruner is not None:
+            out.update(sparsity=self.pruner.sparsity(), per_module=self.pruner.sparsity(per_module=True))
+        return out

@@ -1,0 +1,166 @@
+"""`PruningConfig`: every option of `PruningCallback`, validated before training starts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from ..pruning.masks import GRANULARITIES, STRUCTURED
+from ..pruning.schedules import SCHEDULES
+from ..pruning.scores import METHODS, NEEDS_GRADS
+
+DEFAULT_END_FRACTION = 0.7  # without end_step the target is reached at 70% of training; the rest recovers
+
+
+@dataclass
+class PruningConfig:
+    target_sparsity: Optional[float] = field(
+        default=None,
+        metadata={"help": "Final fraction of pruned weights (unstructured) or units (heads / neurons / layers), "
+                          "0 <= s < 1. Default 0.5; for granularity 'n:m' it is n/m."},
+    )
+    method: str = field(
+        default="magnitude",
+        metadata={"help": f"Importance score, one of {METHODS}: |w|; movement (Sanh et al. 2020, "
+                          "-sum w*dL/dw); taylor (first order, sum |w*dL/dw|)."},
+    )
+    granularity: str = field(
+        default="unstructured",
+        metadata={"help": f"What is pruned, one of {GRANULARITIES} (or 'N:M' such as '2:4'). heads / neurons / "
+                          "layers are removed physically at the end of training (see remove_pruned)."},
+    )
+    n: int = field(default=2, metadata={"help": "N of N:M: at least n zeros in every m consecutive input weights."})
+    m: int = field(default=4, metadata={"help": "M of N:M (group size along the input dimension)."})
+    scope: str = field(
+        default="global",
+        metadata={"help": "'global': one threshold over all targeted weights (or units); 'local': the same "
+                          "sparsity in every module (every layer for heads / neurons). Layers are always global."},
+    )
+    schedule: str = field(
+        default="cubic",
+        metadata={"help": f"Sparsity over steps, one of {SCHEDULES}: cubic (Zhu & Gupta 2017), linear, or "
+                          "one_shot (all at start_step)."},
+    )
+    start_step: int = field(default=0, metadata={"help": "Optimizer step at which pruning starts."})
+    end_step: Optional[int] = field(
+        default=None,
+        metadata={"help": f"Step at which target_sparsity is reached (masks fixed from then on). Default: "
+                          f"{DEFAULT_END_FRACTION:.0%} of the training steps."},
+    )
+    frequency: int = field(default=10, metadata={"help": "Steps between mask updates while the schedule runs."})
+    targets: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Regexes (re.search) on module names to prune. Default: the Linear layers inside the "
+                          "transformer blocks (embeddings, norms and the task head stay dense)."},
+    )
+    exclude: Optional[list[str]] = field(default=None, metadata={"help": "Regexes of module names never pruned."})
+    rewind_step: Optional[int] = field(
+        default=None,
+        metadata={"help": "Lottery-ticket rewinding (Frankle & Carbin 2019): when the final mask is set (end_step), "
+                          "surviving weights go back to their values at this step and train on with a fresh "
+                          "optimizer state. None disables it."},
+    )
+    remove_pruned: bool = field(
+        default=True,
+        metadata={"help": "Structured granularities: at the end of training delete the pruned heads / neurons / "
+                          "layers (smaller Linear layers, fewer heads and layers) instead of leaving zeros."},
+    )
+
+    def __post_init__(self):
+        nm = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.granularity))
+        if nm:  # "2:4" is shorthand for granularity="n:m", n=2, m=4
+            self.granularity, self.n, self.m = "n:m", int(nm.group(1)), int(nm.group(2))
+        if self.method not in METHODS:
+            raise ValueError(f"PruningConfig.method={self.method!r} is unknown: use one of {METHODS}.")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"PruningConfig.granularity={self.granularity!r} is unknown: use one of {GRANULARITIES} (or 'N:M' like '2:4')."
+            )
+        if self.granularity == "n:m":
+            if not (isinstance(self.n, int) and isinstance(self.m, int) and 0 < self.n < self.m):
+                raise ValueError(f"PruningConfig n={self.n}, m={self.m}: N:M needs integers 0 < n < m (e.g. n=2, m=4).")
+            if self.target_sparsity is None:
+                self.target_sparsity = self.n / self.m
+            elif abs(self.target_sparsity - self.n / self.m) > 1e-9:
+                raise ValueError(
+                    f"PruningConfig.target_sparsity={self.target_sparsity} contradicts n:m={self.n}:{self.m} "
+                    f"(whose sparsity is {self.n / self.m:g}): leave target_sparsity unset or set it to n/m."
+                )
+        if self.target_sparsity is None:
+            self.target_sparsity = 0.5
+        if isinstance(self.target_sparsity, bool) or not isinstance(self.target_sparsity, (int, float)) or not (
+            0.0 <= self.target_sparsity < 1.0
+        ):
+            raise ValueError(
+                f"PruningConfig.target_sparsity={self.target_sparsity!r} must be a number in [0, 1) "
+                "(0.9 = 90% of the weights or units pruned)."
+            )
+        self.target_sparsity = float(self.target_sparsity)
+        if self.scope not in ("global", "local"):
+            raise ValueError(f"PruningConfig.scope={self.scope!r} must be 'global' or 'local'.")
+        if self.scope == "local" and self.granularity == "layers":
+            raise ValueError("PruningConfig.scope='local' does not apply to granularity='layers' (layers are ranked "
+                             "against each other): use scope='global'.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"PruningConfig.schedule={self.schedule!r} is unknown: use one of {SCHEDULES}.")
+        for name in ("start_step", "frequency"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (1 if name == "frequency" else 0):
+                raise ValueError(f"PruningConfig.{name}={v!r} must be an integer >= {1 if name == 'frequency' else 0}.")
+        if self.end_step is not None and (not isinstance(self.end_step, int) or self.end_step < self.start_step):
+            raise ValueError(
+                f"PruningConfig.end_step={self.end_step!r} is before start_step={self.start_step}: "
+                "end_step must be >= start_step."
+            )
+        if self.schedule == "one_shot" and self.start_step == 0 and self.method in NEEDS_GRADS:
+            raise ValueError(
+                f"PruningConfig: method={self.method!r} scores come from gradients, so one-shot pruning cannot happen at "
+                "start_step=0: set start_step >= 1 (steps to collect scores) or use method='magnitude'."
+            )
+        if self.rewind_step is not None:
+            last = self.start_step if self.schedule == "one_shot" else self.end_step
+            if not isinstance(self.rewind_step, int) or self.rewind_step < 0 or (last is not None and self.rewind_step >= last):
+                raise ValueError(
+                    f"PruningConfig.rewind_step={self.rewind_step!r} must be an integer >= 0 and before the step "
+                    f"the final mask is set ({'start_step' if self.schedule == 'one_shot' else 'end_step'}={last})."
+                )
+        if self.granularity == "layers" and not self.remove_pruned:
+            raise ValueError(
+                "PruningConfig: granularity='layers' needs remove_pruned=True — a pruned layer is skipped by a "
+                "forward hook while training, which a saved model would not keep."
+            )
+        if self.targets is not None and isinstance(self.targets, str):
+            self.targets = [self.targets]
+        if self.exclude is not None and isinstance(self.exclude, str):
+            self.exclude = [self.exclude]
+
+    @property
+    def structured(self) -> bool:
+        return self.granularity in STRUCTURED
+
+    @property
+    def tag(self) -> str:
+        """Short name of this pruning in logs and checkpoint files (two callbacks need different granularities)."""
+        return "pruning_" + self.granularity.replace(":", "")
+
+    def resolve_end(self, max_steps: int) -> int:
+        """The step at which the target is reached, for a run of `max_steps` optimizer steps."""
+        if self.schedule == "one_shot":
+            end = self.start_step
+        elif self.end_step is not None:
+            end = self.end_step
+        else:
+            end = max(self.start_step, round(DEFAULT_END_FRACTION * max_steps))
+        if max_steps > 0 and end > max_steps:
+            what = "start_step" if self.schedule == "one_shot" or self.end_step is None else "end_step"
+            raise ValueError(
+                f"PruningConfig: {what}={end} is after the last training step ({max_steps}), so target_sparsity would "
+                f"never be reached: lower it or train longer."
+            )
+        if self.rewind_step is not None and self.rewind_step >= end:
+            raise ValueError(f"PruningConfig.rewind_step={self.rewind_step} must be before the final mask step {end}.")
+        return end
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,120 @@
+"""Masks: which weights are kept (True) and the one function that enforces them.
+
+- unstructured: the k lowest scores go, k = round(sparsity * n) exactly — over all targeted weights at
+  once (`scope="global"`: one top-k over the concatenated scores) or per module (`"local"`).
+- N:M: at least n zeros in every group of m consecutive weights along the *input* dimension (the
+  layout sparse tensor cores accelerate, 2:4 by default).
+- units (heads, FFN neurons, layers): scores summed per unit, the lowest units go; a unit's mask is
+  then spread over the slices of the weights it owns (rows of the producing Linear, columns of the
+  consuming one).
+"""
+
+from __future__ import annotations
+
+import torch
+
+GRANULARITIES = ("unstructured", "n:m", "heads", "neurons", "layers")
+STRUCTURED = ("heads", "neurons", "layers")
+
+
+def _keep_highest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of `flat` with exactly its k lowest entries False (one top-k; the smaller side is selected)."""
+    n = flat.numel()
+    k = max(0, min(int(k), n))
+    if k <= n - k:
+        keep = torch.ones(n, dtype=torch.bool, device=flat.device)
+        if k:
+            keep[torch.topk(flat, k, largest=False, sorted=False).indices] = False
+    else:
+        keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
+        if n - k:
+            keep[torch.topk(flat, n - k, largest=True, sorted=False).indices] = True
+    return keep
+
+
+@torch.no_grad()
+def unstructured_masks(scores: list[torch.Tensor], sparsity: float, scope: str = "global") -> list[torch.Tensor]:
+    if scope == "local":
+        return [_keep_highest(s.reshape(-1), round(sparsity * s.numel())).view_as(s) for s in scores]
+    if scope != "global":
+        raise ValueError(f"`scope`={scope!r} must be 'global' or 'local'.")
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    keep = _keep_highest(flat, round(sparsity * flat.numel()))
+    return [m.view_as(s) for m, s in zip(keep.split([s.numel() for s in scores]), scores)]
+
+
+@torch.no_grad()
+def nm_masks(scores: list[torch.Tensor], n: int, m: int, in_dims: list[int]) -> list[torch.Tensor]:
+    """Prune the n lowest scores in every group of m consecutive weights along each tensor's input dim."""
+    out = []
+    for s, d in zip(scores, in_dims):
+        t = s.movedim(d, -1)
+        shape = t.shape
+        if shape[-1] % m:
+            raise ValueError(f"N:M pruning needs an input size divisible by m={m}; got a weight of shape {tuple(s.shape)}.")
+        groups = t.reshape(-1, m)
+        keep = torch.ones_like(groups, dtype=torch.bool)
+        if n:
+            keep.scatter_(1, torch.topk(groups, n, dim=1, largest=False, sorted=False).indices, False)
+        out.append(keep.reshape(shape).movedim(-1, d))
+    return out
+
+
+@torch.no_grad()
+def unit_masks(unit_scores: list[torch.Tensor], sparsity: float, scope: str = "global", keep_one: bool = True) -> list[torch.Tensor]:
+    """Per group of units (e.g. the heads of one layer), which units survive.
+
+    `keep_one` keeps the best unit of every group (a layer cannot lose all its heads); without it,
+    at least one unit survives overall. `global` ranks units of all groups together.
+    """
+    if scope == "local":
+        masks = []
+        for s in unit_scores:
+            k = min(round(sparsity * s.numel()), s.numel() - 1 if keep_one else s.numel())
+            masks.append(_keep_highest(s.float(), k))
+        return masks
+    sizes = [s.numel() for s in unit_scores]
+    flat = torch.cat([s.reshape(-1).float() for s in unit_scores])
+    protected = len(sizes) if keep_one else 1
+    if keep_one:  # the best unit of each group can never go
+        starts = torch.tensor([0] + sizes[:-1], device=flat.device).cumsum(0)
+        best = torch.stack([s.float().argmax() for s in unit_scores]) + starts
+        flat = flat.clone()
+        flat[best] = float("inf")
+    else:
+        flat = flat.clone()
+        flat[flat.argmax()] = float("inf")
+    k = min(round(sparsity * flat.numel()), flat.numel() - protected)
+    return list(_keep_highest(flat, k).split(sizes))
+
+
+def unit_sum(score: torch.Tensor, dim: int, n_units: int) -> torch.Tensor:
+    """Sum of `score` over each of `n_units` equal slices along `dim`."""
+    return score.movedim(dim, 0).reshape(n_units, -1).sum(1)
+
+
+def spread(unit_mask: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
+    """Element mask shaped like `like`: unit u covers the u-th equal slice along `dim`."""
+    size = like.shape[dim] // unit_mask.numel()
+    m = unit_mask.repeat_interleave(size)
+    view = [1] * like.dim()
+    view[dim] = -1
+    return m.view(view).expand_as(like).contiguous()
+
+
+@torch.no_grad()
+def apply_masks(tensors: list[torch.Tensor | None], masks: list[torch.Tensor]) -> None:
+    """Zero what the masks drop, in place, in one fused op. Used for weights *and* their gradients:
+    zero gradients keep AdamW's moments at zero, zero weights after the step undo anything the
+    optimizer state (momentum, weight decay) would have revived."""
+    pairs = [(t, m) for t, m in zip(tensors, masks) if t is not None]
+    if pairs:
+        torch._foreach_mul_([t.detach() if t.requires_grad else t for t, _ in pairs], [m for _, m in pairs])
+
+
+@torch.no_grad()
+def count_zeros(masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pruned count per mask, size per mask) as tensors — one host sync when read."""
+    pruned = torch.stack([(~m).sum() for m in masks])
+    sizes = torch.tensor([m.numel() for m in masks], device=pruned.device)
+    return pruned, sizes

@@ -1,0 +1,214 @@
+"""`Pruner`: the masks and scores of one model, and the operations a training loop needs.
+
+Framework-free (bare `nn.Module` + tensors): the Trainer callback, the CLI and tests drive it. Every
+per-step operation is a fused foreach op over the targeted weights; nothing loops over elements and
+nothing syncs with the host except reading the sparsity for logs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..modules import LINEAR_TYPES, find_blocks, out_axis, select_modules, unwrap
+from . import scores as S
+from .masks import GRANULARITIES, STRUCTURED, apply_masks, nm_masks, spread, unit_masks, unit_sum, unstructured_masks
+from .structured import set_layer_skip, unit_groups
+
+
+def check_plain(selected: dict[str, nn.Module]) -> None:
+    for name, module in selected.items():
+        if type(module) not in LINEAR_TYPES:
+            raise ValueError(
+                f"`{name}` is a {type(module).__name__}, not a plain Linear: it was already converted "
+                "(e.g. by QATCallback or a quantized export). Pruning sets its masks up on plain Linear layers: "
+                "put PruningCallback before QATCallback in `callbacks=[...]`, or prune before quantising."
+            )
+
+
+class Pruner:
+    """Masks (True = kept) over the weights of the targeted Linear layers of `model`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str = "magnitude",
+        granularity: str = "unstructured",
+        scope: str = "global",
+        n: int = 2,
+        m: int = 4,
+        targets=None,
+        exclude=None,
+    ):
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"`granularity`={granularity!r} is not one of {GRANULARITIES}.")
+        self.model = unwrap(model)
+        self.method, self.granularity, self.scope, self.n, self.m = method, granularity, scope, n, m
+        selected = select_modules(self.model, targets, exclude)
+        check_plain(selected)
+        self.groups = []
+        if granularity in STRUCTURED:
+            self.groups = [g for g in unit_groups(self.model, granularity) if all(p in selected for p, _ in g.parts)]
+            if not self.groups:
+                raise ValueError(
+                    f"`targets`={targets!r} / `exclude`={exclude!r} cover no complete {granularity} unit: "
+                    f"structured pruning needs every Linear of a unit selected (e.g. all of a layer's attention "
+                    f"projections for heads). Selected: {list(selected)[:6]}..."
+                )
+            names = list(dict.fromkeys(p for g in self.groups for p, _ in g.parts))
+        else:
+            names = list(selected)
+        self.names = names
+        self.modules = [self.model.get_submodule(x) for x in names]
+        self.weights = [mod.weight for mod in self.modules]
+        self.index = {x: i for i, x in enumerate(names)}
+        self.in_dims = [1 - out_axis(mod) for mod in self.modules]
+        if granularity == "n:m":
+            bad = [x for x, w, d in zip(names, self.weights, self.in_dims) if w.shape[d] % m]
+            if bad:
+                raise ValueError(f"N:M pruning needs input sizes divisible by m={m}; these are not: {bad[:5]}. Exclude them.")
+        self.masks = [torch.ones_like(w, dtype=torch.bool) for w in self.weights]
+        self.units = [torch.ones(g.n_units, dtype=torch.bool, device=self.weights[0].device) for g in self.groups]
+        self.scores = S.init_scores(self.weights, method)
+
+    # ------------------------------------------------------------------ checks
+    def bound(self) -> int | None:
+        """Most units that may go in total (structured), None otherwise."""
+        if not self.groups:
+            return None
+        total = sum(g.n_units for g in self.groups)
+        return total - (1 if self.granularity == "layers" else len(self.groups))
+
+    def check_target(self, target: float) -> None:
+        """ValueError when `target` would remove more units than exist (every layer keeps one head/neuron,
+        the model keeps one layer)."""
+        if not self.groups:
+            return
+        kind = self.granularity
+        if self.scope == "local" and kind != "layers":
+            for g in self.groups:
+                if round(target * g.n_units) >= g.n_units:
+                    raise ValueError(
+                        f"target_sparsity={target} would remove {round(target * g.n_units)} of the {g.n_units} {kind} "
+                        f"of layer {g.layer}, but every layer keeps at least one: lower target_sparsity."
+                    )
+            return
+        total = sum(g.n_units for g in self.groups)
+        k = round(target * total)
+        if k > self.bound():
+            keep = "the model keeps at least one layer" if kind == "layers" else f"each of the {len(self.groups)} layers keeps at least one"
+            raise ValueError(
+                f"target_sparsity={target} would remove {k} of the {total} {kind}, but at most {self.bound()} "
+                f"can go ({keep}): lower target_sparsity."
+            )
+
+    @property
+    def needs_grads(self) -> bool:
+        return self.method in S.NEEDS_GRADS
+
+    def same_model(self, model: nn.Module) -> bool:
+        """True while the targeted weights are still the model's (no module was replaced since);
+        follows the model to another device."""
+        model = unwrap(model)
+        try:
+            same = all(model.get_submodule(x).weight is w for x, w in zip(self.names, self.weights))
+        except AttributeError:
+            return False
+        dev = self.weights[0].device
+        if same and self.masks[0].device != dev:
+            self.masks = [mk.to(dev) for mk in self.masks]
+            self.scores = [s.to(dev) for s in self.scores]
+            self.units = [u.to(dev) for u in self.units]
+        return same
+
+    # ------------------------------------------------------------------ per step
+    def accumulate(self) -> None:
+        """Add this step's gradient contribution to the scores (movement / taylor)."""
+        if self.needs_grads:
+            S.accumulate(self.scores, self.weights, self.method)
+
+    def mask_grads(self) -> None:
+        apply_masks([w.grad for w in self.weights], self.masks)
+
+    def apply(self) -> None:
+        apply_masks(self.weights, self.masks)
+
+    @torch.no_grad()
+    def update(self, sparsity: float) -> None:
+        """Recompute the masks for `sparsity` from the current scores, and apply them."""
+        sc = S.current(self.scores, self.weights, self.method)
+        if self.granularity == "unstructured":
+            self.masks = unstructured_masks(sc, sparsity, self.scope)
+        elif self.granularity == "n:m":
+            zeros = min(self.n, math.floor(sparsity * self.m + 1e-6))  # gradual: 0, 1, ..., n zeros per group
+            self.masks = nm_masks(sc, zeros, self.m, self.in_dims)
+        else:
+            unit_scores = [
+                sum(unit_sum(sc[self.index[x]], d, g.n_units) for x, d in g.parts) for g in self.groups
+            ]
+            layers = self.granularity == "layers"
+            self.units = unit_masks(unit_scores, sparsity, "global" if layers else self.scope, keep_one=not layers)
+            self._spread()
+        self.apply()
+
+    def _spread(self) -> None:
+        masks = list(self.masks)
+        for g, keep in zip(self.groups, self.units):
+            for x, d in g.parts:
+                i = self.index[x]
+                masks[i] = spread(keep, d, self.weights[i])
+        self.masks = masks
+        if self.granularity == "layers":
+            blocks = find_blocks(self.model)[1]
+            for g, keep in zip(self.groups, self.units):
+                set_layer_skip(blocks[g.layer], not bool(keep.all()))
+
+    # ------------------------------------------------------------------ reading
+    @torch.no_grad()
+    def sparsity(self, per_module: bool = False):
+        """Fraction of exact zeros kept by the masks (overall, or {module: fraction})."""
+        pruned = torch.stack([(~mk).sum() for mk in self.masks]).cpu()
+        sizes = torch.tensor([mk.numel() for mk in self.masks])
+        if per_module:
+            return {x: float(p / s) for x, p, s in zip(self.names, pruned, sizes)}
+        return float(pruned.sum() / sizes.sum())
+
+    def units_removed(self) -> int:
+        return int(sum((~u).sum() for u in self.units)) if self.units else 0
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"mask.{x}": mk for x, mk in zip(self.names, self.masks)}
+        state.update({f"score.{x}": s for x, s in zip(self.names, self.scores)})
+        state.update({f"units.{i}": u for i, u in enumerate(self.units)})
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [k for k in self.state_dict() if k not in state]
+        if missing:
+            raise ValueError(f"The saved pruning state does not fit this model (missing {missing[:3]}).")
+        dev = self.weights[0].device
+        self.masks = [state[f"mask.{x}"].to(dev, torch.bool) for x in self.names]
+        for x, s in zip(self.names, self.scores):
+            s.copy_(state[f"score.{x}"])
+        self.units = [state[f"units.{i}"].to(dev, torch.bool) for i in range(len(self.units))]
+        if self.granularity == "layers":
+            self._spread()
+        self.apply()
+
+    # ------------------------------------------------------------------ lottery ticket
+    def snapshot(self) -> list[torch.Tensor]:
+        return [w.detach().clone() for w in self.weights]
+
+    @torch.no_grad()
+    def rewind(self, snapshot: list[torch.Tensor], optimizer=None) -> None:
+        """Surviving weights back to `snapshot` (Frankle & Carbin); their optimizer state restarts."""
+        for w, s in zip(self.weights, snapshot):
+            w.copy_(s)
+        self.apply()
+        if optimizer is not None:
+            for w in self.weights:
+                optimizer.state.pop(w, None)

@@ -1,0 +1,103 @@
+"""Pieces every architecture family shares: unit groups, Linear surgery, layer skipping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ...modules import is_linear, out_axis
+
+
+@dataclass
+class UnitGroup:
+    """`n_units` prunable units of one layer. Unit u owns the u-th equal slice of each part's weight
+    along the part's dim: rows of the Linears that produce the unit, columns of the one that consumes it."""
+
+    kind: str  # "heads" | "neurons" | "layers"
+    layer: int
+    n_units: int
+    parts: list[tuple[str, int]] = field(default_factory=list)  # (module name, weight dim)
+
+
+def unit_index(keep: list[int], size: int) -> torch.Tensor:
+    """Element indices of the kept units, each `size` wide."""
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    return (keep[:, None] * size + torch.arange(size)).reshape(-1)
+
+
+def check_units(units, n: int, what: str, where: str) -> list[int]:
+    """Validated, sorted unique unit indices; removing all of them is an error."""
+    units = sorted({int(u) for u in units})
+    bad = [u for u in units if not 0 <= u < n]
+    if bad:
+        raise ValueError(f"{where} has {n} {what}; cannot remove {what} {bad} (valid indices are 0..{n - 1}).")
+    if len(units) >= n:
+        hint = "" if what == "layers" else ", or remove the whole layer (granularity='layers')"
+        raise ValueError(f"Removing {len(units)} {what} of {where} would leave none of its {n}: keep at least one{hint}.")
+    return units
+
+
+@torch.no_grad()
+def shrink(linear: nn.Module, index: torch.Tensor, side: str) -> None:
+    """Keep only `index` among the output (`side="out"`) or input (`"in"`) channels of a Linear/Conv1D."""
+    if not is_linear(linear):
+        raise ValueError(
+            f"Structured surgery expects Linear layers, got {type(linear).__name__}: it was converted (e.g. by a "
+            "QAT export) before the pruned units were removed. Put PruningCallback before QATCallback, or call "
+            "remove_pruned(model) before quantising."
+        )
+    oa = out_axis(linear)
+    dim = oa if side == "out" else 1 - oa
+    w = linear.weight
+    linear.weight = nn.Parameter(w.detach().index_select(dim, index.to(w.device)).clone(), requires_grad=w.requires_grad)
+    if side == "out" and getattr(linear, "bias", None) is not None:
+        b = linear.bias
+        linear.bias = nn.Parameter(b.detach().index_select(0, index.to(b.device)).clone(), requires_grad=b.requires_grad)
+    if isinstance(linear, nn.Linear):
+        linear.in_features, linear.out_features = linear.weight.shape[1], linear.weight.shape[0]
+    else:  # GPT-2 Conv1D: weight is (in, out)
+        linear.nx, linear.nf = linear.weight.shape
+
+
+def linears(block: nn.Module, prefix: str) -> list[str]:
+    return [f"{prefix}.{n}" for n, m in block.named_modules() if n and is_linear(m)]
+
+
+# --- skipping whole layers while training; they are deleted by remove_pruned -----------------------
+_HANDLE = "_hf_compress_skip_handle"
+
+
+def _skip_hook(module, args, kwargs, output):
+    hidden = args[0] if args else kwargs["hidden_states"]
+    out = output[0] if isinstance(output, tuple) else output
+    # `out * 0` keeps the block in the autograd graph (DDP expects every parameter to get a gradient)
+    passed = hidden + out * 0
+    return (passed, *output[1:]) if isinstance(output, tuple) else passed
+
+
+def set_layer_skip(block: nn.Module, skip: bool) -> None:
+    """Make a transformer block pass its input through unchanged (or undo it)."""
+    handle = getattr(block, _HANDLE, None)
+    if skip and handle is None:
+        setattr(block, _HANDLE, block.register_forward_hook(_skip_hook, with_kwargs=True))
+    elif not skip and handle is not None:
+        handle.remove()
+        delattr(block, _HANDLE)
+
+
+def is_skipped(block: nn.Module) -> bool:
+    return getattr(block, _HANDLE, None) is not None
+
+
+def replace_blocks(model: nn.Module, prefix: str, keep: list[nn.Module]) -> None:
+    parent_name, _, attr = prefix.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.ModuleList(keep))
+    for b in keep:
+        set_layer_skip(b, False)
+
+
+def uniform_or_max(values: list[int]) -> tuple[bool, int]:
+    return len(set(values)) == 1, max(values)

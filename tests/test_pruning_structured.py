@@ -1,0 +1,154 @@
+"""Physical removal of heads / FFN neurons / layers (BERT and Llama) and reloading the result."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+from hf_compress import PruningCallback, PruningConfig, load_pretrained
+from hf_compress.pruning import Pruner, remove_pruned, structure
+from hf_compress.pruning.structured import bert, llama
+from hf_compress.testing import TokenDataset, tiny_bert, tiny_gpt2, tiny_llama
+
+MODELS = {
+    "bert": lambda: tiny_bert(layers=4, hidden=32, heads=4, ffn=64),
+    "llama": lambda: tiny_llama(layers=3, hidden=32, heads=4, kv_heads=2, ffn=64),
+}
+
+
+def _batch():
+    ds = TokenDataset(6, 12, seed=3)
+    return {"input_ids": ds.ids, "attention_mask": ds.mask}
+
+
+def _logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("granularity", ["heads", "neurons", "layers"])
+def test_removal_shrinks_and_keeps_masked_logits(arch, granularity):
+    model = MODELS[arch]()
+    batch = _batch()
+    p = Pruner(model, granularity=granularity)
+    p.update(0.5)
+    masked = _logits(model, batch)
+    before, shape = _params(model), structure(model)
+    removed = remove_pruned(model)
+    after = _params(model)
+    assert after < before and removed["parameters"] == before - after
+    torch.testing.assert_close(_logits(model, batch), masked, rtol=1e-5, atol=1e-5)
+    s = structure(model)
+    if granularity == "heads":
+        assert sum(s["heads"]) == sum(shape["heads"]) - round(0.5 * sum(shape["heads"]))
+        assert model.get_submodule(p.names[0]).weight.shape[0] < p.weights[0].shape[0]
+    elif granularity == "neurons":
+        assert sum(s["ffn"]) == sum(shape["ffn"]) // 2
+    else:
+        assert len(s["ffn"]) == len(shape["ffn"]) - round(0.5 * len(shape["ffn"]))
+        assert model.config.num_hidden_layers == len(s["ffn"])
+    assert model.config.hf_compress["pruning"]["removed"][{"layers": "layers"}.get(granularity, granularity)] > 0
+
+
+def test_bert_nonuniform_heads_run_with_sdpa_and_eager():
+    model = tiny_bert(layers=3, heads=4)
+    batch = _batch()
+    bert.remove_heads(model, 0, [0, 2, 3])
+    bert.remove_heads(model, 2, [1])
+    assert structure(model)["heads"] == [1, 4, 3]
+    out = {}
+    for impl in ("eager", "sdpa"):
+        model.config._attn_implementation = impl
+        out[impl] = _logits(model, batch)
+    torch.testing.assert_close(out["eager"], out["sdpa"], rtol=1e-5, atol=1e-5)
+    assert model.bert.encoder.layer[0].attention.self.num_attention_heads == 1
+
+
+def test_llama_removed_heads_follow_kv_groups_and_generate():
+    model = tiny_llama(layers=2, heads=4, kv_heads=2)
+    llama.remove_heads(model, 1, [0])
+    att = model.model.layers[1].self_attn
+    assert att.q_proj.out_features == 2 * att.head_dim and att.k_proj.out_features == att.head_dim
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)  # uses the KV cache with uneven layers
+    assert out.shape == (1, 7)
+
+
+def test_removing_too_many_units_is_an_error():
+    model = tiny_bert(layers=2, heads=4)
+    with pytest.raises(ValueError, match="leave none"):
+        bert.remove_heads(model, 0, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"has 4 heads; cannot remove heads \[7\]"):
+        bert.remove_heads(model, 0, [7])
+    with pytest.raises(ValueError, match="FFN neurons"):
+        bert.remove_neurons(model, 1, [64])
+    with pytest.raises(ValueError, match="leave none"):
+        llama.remove_layers(tiny_llama(layers=2), [0, 1])
+    with pytest.raises(ValueError, match="remove 4 of the 4 heads, but at most 2 can go"):
+        Pruner(tiny_bert(layers=2, heads=2), granularity="heads").check_target(0.9)
+    with pytest.raises(ValueError, match="every layer keeps at least one"):
+        Pruner(tiny_bert(layers=2, heads=2), granularity="neurons", scope="local").check_target(0.999)
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    with pytest.raises(ValueError, match="BERT-family encoders .* Llama-style decoders"):
+        Pruner(tiny_gpt2(), granularity="heads")
+    # unstructured pruning still works on it (transposed Conv1D weights)
+    p = Pruner(tiny_gpt2(), granularity="unstructured")
+    p.update(0.5)
+    assert abs(p.sparsity() - 0.5) < 1e-3
+
+
+def _train(model, tmp_path, config, steps=6, **kw):
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=steps, per_device_train_batch_size=8,
+        logging_steps=steps, save_strategy="no", disable_tqdm=True, learning_rate=1e-3, **kw,
+    )
+    cb = PruningCallback(config)
+    causal = not hasattr(model, "classifier")
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(48, causal=causal), callbacks=[cb])
+    trainer.train()
+    return trainer, cb
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_save_model_load_pretrained_nonuniform(arch, tmp_path):
+    model = MODELS[arch]()
+    batch = _batch()
+    before = _params(model)
+    cfg = PruningConfig(granularity="heads", target_sparsity=0.5, scope="global", frequency=1, end_step=3)
+    trainer, cb = _train(model, tmp_path, cfg)
+    cb_neurons = Pruner(model, granularity="neurons")  # a second, non-uniform cut of the trained model
+    cb_neurons.update(0.4)
+    remove_pruned(model)
+    assert _params(model) < before
+    s = structure(model)
+    assert len(set(s["ffn"])) > 1  # non-uniform widths per layer
+    trainer.save_model(str(tmp_path / "out"))
+    reloaded = load_pretrained(tmp_path / "out")
+    assert structure(reloaded) == s
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=1e-5, atol=1e-5)
+    meta = reloaded.config.hf_compress["pruning"]
+    assert meta["runs"][0]["granularity"] == "heads" and meta["heads"] == s["heads"]
+
+
+@pytest.mark.parametrize("arch,granularity,auto", [
+    ("bert", "neurons", AutoModelForSequenceClassification),
+    ("bert", "layers", AutoModelForSequenceClassification),
+    ("llama", "heads", AutoModelForCausalLM),
+])
+def test_uniform_shapes_reload_with_auto_class(arch, granularity, auto, tmp_path):
+    model = MODELS[arch]()
+    batch = _batch()
+    p = Pruner(model, granularity=granularity, scope="global" if granularity == "layers" else "local")
+    p.update(0.5)
+    remove_pruned(model)
+    model.save_pretrained(tmp_path)
+    again = auto.from_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(again, batch), _logits(model, batch), rtol=1e-5, atol=1e-5)
+    assert _params(again) == _params(model)

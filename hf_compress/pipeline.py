@@ -25,6 +25,12 @@ from .recipes import Recipe, build_model, build_tokenizer, fingerprint
 from .report import compression_report, markdown_table, quiet_progress, write_report
 
 FINGERPRINT = "hf_compress_teacher.json"
+# TrainingArguments that do not change the fine-tuned teacher's weights (ignored when deciding reuse)
+NO_EFFECT = {
+    "output_dir", "logging_steps", "logging_strategy", "logging_first_step", "disable_tqdm", "report_to", "run_name",
+    "save_strategy", "save_steps", "save_total_limit", "eval_strategy", "eval_steps", "per_device_eval_batch_size",
+    "log_level", "dataloader_num_workers", "resume_from_checkpoint",
+}
 
 
 class Run:
@@ -98,8 +104,9 @@ def _load_teachers(run: Run, tokenizer, splits) -> list:
     teachers = []
     for i, spec in enumerate(names):
         folder = _teacher_dir(r, i, len(names))
-        key = fingerprint({"spec": spec, "model": dataclasses.asdict(r.model), "train": r.teacher.train,
-                           "training": r.training, "data": dataclasses.asdict(r.data), "source": splits.source,
+        train = {k: v for k, v in {**r.training, **(r.teacher.train or {})}.items() if k not in NO_EFFECT}
+        key = fingerprint({"spec": spec, "model": dataclasses.asdict(r.model), "train": train,
+                           "data": dataclasses.asdict(r.data), "source": splits.source,
                            "num_labels": num_labels, "seed": r.seed})
         saved = folder / FINGERPRINT
         if r.teacher.train is not None and r.teacher.reuse and saved.exists() and saved.read_text() == key:
@@ -199,7 +206,7 @@ def run_recipe(recipe: Recipe, command: str | None = None) -> dict:
     set_seed(r.seed)
     dist, prunes, qat = r.distillation_config(), r.pruning_configs(), r.quantization_config()
 
-    with run.phase("data", f"loading ({r.data.hub or r.data.local or r.data.train_file})"):
+    with run.phase("data", f"loading ({r.data.train_file or r.data.local or r.data.hub})"):
         tokenizer = build_tokenizer(r.model.tokenizer, r.model.name)
         splits = load_datasets(r.data, tokenizer, task, r.data_dir)
     run.say(f"data: {len(splits.train)} training / {len(splits.eval)} evaluation {'blocks' if task == 'causal-lm' else 'examples'} from {splits.source}")

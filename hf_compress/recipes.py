@@ -153,8 +153,15 @@ class Recipe:
         return build_section(TrainingArguments, values, "training")
 
     def teacher_training_args(self):
+        from transformers import TrainingArguments
+
+        train = self.teacher.train or {}
+        valid = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+        for key in train:
+            if key not in valid:
+                raise ValueError(unknown_key_message("teacher.train", key, valid, "TrainingArguments"))
         extra = {"output_dir": str(Path(self.out_dir) / "teacher-run"), "save_strategy": "no"}
-        return self.training_args(**{**extra, **(self.teacher.train or {})})
+        return self.training_args(**{**extra, **train})
 
     def distillation_config(self):
         if self.distillation is None:
@@ -364,6 +371,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, val
         d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"recipe {path}: not valid YAML ({e}).") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"recipe {path}: the file must hold a YAML mapping (key: value lines), got {type(d).__name__}.")
     recipe = recipe_from_dict(apply_overrides(d, overrides or []), source=str(path))
     return recipe.validate() if validate else recipe
 

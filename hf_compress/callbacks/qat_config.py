@@ -116,9 +116,9 @@ class QATConfig:
             self.export = None
         if self.export is not None and self.export not in backend_names():
             bad("export", f"use None or one of {backend_names()}.")
-        if isinstance(self.weight_bits, bool) or self.weight_bits not in WEIGHT_BITS:
+        if not isinstance(self.weight_bits, int) or isinstance(self.weight_bits, bool) or self.weight_bits not in WEIGHT_BITS:
             bad("weight_bits", "supported weight bits are 8 and 4 (2-8 for fake quantisation / torch-int8).")
-        if self.activation_bits not in (None, 8):
+        if self.activation_bits is not None and (type(self.activation_bits) is not int or self.activation_bits != 8):
             bad("activation_bits", "use None (weights only) or 8.")
         if self.weight_format is None:
             self.weight_format = "nf4" if self.export == "bnb-nf4" else "int"

@@ -148,6 +148,10 @@ class Recipe:
         values = {"output_dir": str(Path(self.out_dir) / "checkpoints"), "report_to": "none", "seed": self.seed}
         if not torch.cuda.is_available():  # CPU: also what makes torchrun / accelerate start gloo ranks
             values["use_cpu"] = True
+        if self.model.task != "causal-lm":
+            # classification losses ignore num_items_in_batch, yet the Trainer would multiply them by the
+            # world size under DDP (doubling gradients and logged loss): no token averaging to do here
+            values["average_tokens_across_devices"] = False
         values.update(self.training)
         values.update(extra)
         return build_section(TrainingArguments, values, "training")

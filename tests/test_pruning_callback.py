@@ -151,6 +151,11 @@ def test_resume_gives_the_same_masks_and_weights(tmp_path):
     # a different config is refused on resume
     with pytest.raises(ValueError, match="different pruning_unstructured config"):
         _run(tmp_path / "a", PruningConfig(**{**cfg, "target_sparsity": 0.5}), resume=str(tmp_path / "a" / "checkpoint-5"), **common)
+    # so is a changed run length when the schedule end follows it
+    default_end = {**cfg, "end_step": None}
+    _run(tmp_path / "b", PruningConfig(**default_end), **common)
+    with pytest.raises(ValueError, match="run length changed"):
+        _run(tmp_path / "b", PruningConfig(**default_end), resume=str(tmp_path / "b" / "checkpoint-5"), **{**common, "steps": 20})
 
 
 def test_lottery_ticket_rewind(tmp_path):

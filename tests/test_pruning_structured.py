@@ -152,3 +152,23 @@ def test_uniform_shapes_reload_with_auto_class(arch, granularity, auto, tmp_path
     again = auto.from_pretrained(tmp_path)
     torch.testing.assert_close(_logits(again, batch), _logits(model, batch), rtol=1e-5, atol=1e-5)
     assert _params(again) == _params(model)
+
+
+def test_heads_pruned_then_int8_export_reloads(tmp_path):
+    """PruningCallback before QATCallback: units are removed, then the remaining layers are exported."""
+    qat = pytest.importorskip("hf_compress.callbacks.qat_callback")
+    from hf_compress.callbacks.qat_config import QATConfig
+
+    model = MODELS["bert"]()
+    batch = _batch()
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=5,
+                             per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True)
+    prune = PruningCallback(PruningConfig(granularity="neurons", target_sparsity=0.5, end_step=3, frequency=1))
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(32),
+                      callbacks=[prune, qat.QATCallback(QATConfig(weight_bits=8, export="torch-int8"))])
+    trainer.train()
+    assert prune.removed["neurons"] == 128 and sum(structure(model)["ffn"]) == 128
+    trainer.save_model(str(tmp_path / "out"))
+    reloaded = load_pretrained(tmp_path / "out")
+    assert set(reloaded.config.hf_compress) >= {"pruning", "quantization"}
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(model, batch), rtol=1e-5, atol=1e-5)

@@ -74,7 +74,13 @@ class PruningCallback(TrainerCallback):
         self.end = c.resolve_end(state.max_steps)
         ckpt = find_resume_dir(args, state)
         if ckpt is not None:
-            tensors, _ = load_state(ckpt, self.name, config=c.to_dict())
+            tensors, meta = load_state(ckpt, self.name, config=c.to_dict())
+            if meta.get("end_step") not in (None, self.end):
+                raise ValueError(
+                    f"Resuming from {ckpt}: its pruning schedule ends at step {meta['end_step']}, this run's at "
+                    f"{self.end}: the run length changed. Resume with the same max_steps / num_train_epochs (or give "
+                    "end_step explicitly in both runs)."
+                )
             pruner.load_state_dict(tensors)
             if f"rewind.{pruner.names[0]}" in tensors:
                 dev = pruner.weights[0].device

@@ -110,11 +110,3 @@ def apply_masks(tensors: list[torch.Tensor | None], masks: list[torch.Tensor]) -
     pairs = [(t, m) for t, m in zip(tensors, masks) if t is not None]
     if pairs:
         torch._foreach_mul_([t.detach() if t.requires_grad else t for t, _ in pairs], [m for _, m in pairs])
-
-
-@torch.no_grad()
-def count_zeros(masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pruned count per mask, size per mask) as tensors — one host sync when read."""
-    pruned = torch.stack([(~m).sum() for m in masks])
-    sizes = torch.tensor([m.numel() for m in masks], device=pruned.device)
-    return pruned, sizes

@@ -14,7 +14,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from ...modules import find_blocks, unwrap
+from ...modules import find_blocks, out_axis, unwrap
 from ...serialization import get_metadata, record
 from . import bert, llama
 from .common import UnitGroup, is_skipped, set_layer_skip, unit_index  # noqa: F401
@@ -47,9 +47,9 @@ def _zero_units(model: nn.Module, group: UnitGroup) -> list[int]:
     """Units whose consuming weights (the input-side slices) are all zero; the first unit is kept if all are."""
     dead = torch.ones(group.n_units, dtype=torch.bool)
     for name, dim in group.parts:
-        w = model.get_submodule(name).weight
-        if dim == 1:  # the consumer: its zero columns make the unit's output vanish
-            dead &= w.detach().ne(0).movedim(dim, 0).reshape(group.n_units, -1).sum(1).eq(0).cpu()
+        module = model.get_submodule(name)
+        if dim != out_axis(module):  # the consumer: its zero input slices make the unit's output vanish
+            dead &= module.weight.detach().ne(0).movedim(dim, 0).reshape(group.n_units, -1).sum(1).eq(0).cpu()
     units = dead.nonzero().flatten().tolist()
     return units[1:] if len(units) == group.n_units else units
 

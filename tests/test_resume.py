@@ -1,0 +1,88 @@
+"""Exact resume of all three methods together, and checkpoints cut short while saving.
+
+Run A trains 8 steps straight. Run B is the same run stopped after the checkpoint at step 4 (as if
+killed), then resumed by fresh objects with `resume_from_checkpoint`. On CPU with fixed seeds, B must
+end bit-identical to A: student weights, pruning masks and scores, QAT observer state.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback, TrainingArguments
+
+from hf_compress import (DistillationConfig, DistillationTrainer, PruningCallback, PruningConfig, QATCallback,
+                         QATConfig)
+from hf_compress.testing import TokenDataset, tiny_bert
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def run(out, stop=None, resume=None, sparsity=0.5):
+    teacher = tiny_bert(layers=4, hidden=48, ffn=96, seed=1)
+    student = tiny_bert(layers=2, seed=2 if resume is None else 99)  # resumed weights must come from the checkpoint
+    pruning = PruningCallback(PruningConfig(target_sparsity=sparsity, method="movement", start_step=1, end_step=6, frequency=1))
+    qat = QATCallback(QATConfig(weight_bits=8, activation_bits=8, observer="moving_average", start_step=2))
+    args = TrainingArguments(
+        output_dir=str(out), use_cpu=True, report_to=[], max_steps=8, per_device_train_batch_size=8,
+        learning_rate=1e-3, save_strategy="steps", save_steps=4, logging_steps=4, disable_tqdm=True, seed=0,
+    )
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args,
+        distillation_config=DistillationConfig(alpha=0.5, hidden_loss_weight=1.0),
+        train_dataset=TokenDataset(n=96, seed=3),
+        callbacks=[pruning, qat] + ([StopAt(stop)] if stop else []),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, pruning, qat
+
+
+def snapshot(trainer, pruning, qat):
+    """Final weights (QAT-baked at train end), masks and scores, and the step-8 checkpoint's compression state."""
+    out = {f"w.{k}": v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    out.update({f"p.{k}": v.clone() for k, v in pruning.pruner.state_dict().items()})
+    for f in (Path(trainer.args.output_dir) / "checkpoint-8" / "hf_compress").glob("*.safetensors"):
+        out.update({f"{f.stem}.{k}": v for k, v in load_file(str(f)).items()})
+    return out
+
+
+def test_resume_is_bit_identical_with_kd_pruning_and_qat(tmp_path):
+    full = snapshot(*run(tmp_path / "a"))
+    run(tmp_path / "b", stop=4)
+    assert not (tmp_path / "b" / "checkpoint-8").exists()
+    resumed = snapshot(*run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-4")))
+    assert full.keys() == resumed.keys()
+    kinds = {k.split(".")[0] for k in full}
+    assert {"w", "p", "qat", "distillation", "pruning_unstructured"} <= kinds, kinds
+    different = [k for k in full if not torch.equal(full[k], resumed[k])]
+    assert not different, different[:5]
+
+
+def test_resume_refuses_a_different_compression_config(tmp_path):
+    run(tmp_path, stop=4)
+    with pytest.raises(ValueError, match=r"different pruning_unstructured config.*target_sparsity.*\(0.5, 0.7\)"):
+        run(tmp_path, resume=str(tmp_path / "checkpoint-4"), sparsity=0.7)
+
+
+def test_checkpoint_cut_short_while_saving_does_not_load_as_complete(tmp_path):
+    run(tmp_path, stop=4)
+    ckpt = tmp_path / "checkpoint-4"
+    # a kill while the compression state was written: its JSON (written last, by atomic rename) is absent
+    (ckpt / "hf_compress" / "pruning_unstructured.json").unlink()
+    with pytest.raises(ValueError, match="interrupted"):
+        run(tmp_path, resume=str(ckpt))
+    # a kill during the weights: the truncated safetensors file is refused, never half-loaded
+    shutil.rmtree(ckpt / "hf_compress")
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception):
+        run(tmp_path, resume=str(ckpt))

@@ -119,7 +119,8 @@ def _load_teachers(run: Run, tokenizer, splits) -> list:
         if r.teacher.train is not None:
             args = r.teacher_training_args()
             steps = args.max_steps if args.max_steps > 0 else f"{args.num_train_epochs} epoch(s)"
-            with run.phase("teacher fine-tuning", f"{spec}, {steps} steps, {len(splits.train)} examples"):
+            unit = "blocks" if r.model.task == "causal-lm" else "examples"
+            with run.phase("teacher fine-tuning", f"{spec}, {steps} steps, {len(splits.train)} {unit}"):
                 trainer = _train(teacher, args, splits, tokenizer, r.model.task)
                 teacher = trainer.model
                 if run.main:
@@ -209,13 +210,14 @@ def run_recipe(recipe: Recipe, command: str | None = None) -> dict:
     with run.phase("data", f"loading ({r.data.train_file or r.data.local or r.data.hub})"):
         tokenizer = build_tokenizer(r.model.tokenizer, r.model.name)
         splits = load_datasets(r.data, tokenizer, task, r.data_dir)
-    run.say(f"data: {len(splits.train)} training / {len(splits.eval)} evaluation {'blocks' if task == 'causal-lm' else 'examples'} from {splits.source}")
+    unit = "blocks" if task == "causal-lm" else "examples"
+    run.say(f"data: {len(splits.train)} training / {len(splits.eval)} evaluation {unit} from {splits.source}")
     num_labels = r.model.num_labels or splits.num_labels
 
     teachers = _load_teachers(run, tokenizer, splits)
     metrics = {}
     teacher_names = ["teacher"] if len(teachers) == 1 else [f"teacher-{i}" for i in range(len(teachers))]
-    with run.phase("teacher evaluation", f"{len(splits.eval)} examples"):
+    with run.phase("teacher evaluation", f"{len(splits.eval)} {unit}"):
         if run.main:
             for name, t in zip(teacher_names, teachers):
                 metrics[name] = evaluate_model(t, splits.eval, task, collator_for(task, tokenizer), r.report.eval_batch_size)
@@ -263,7 +265,7 @@ def run_recipe(recipe: Recipe, command: str | None = None) -> dict:
 
     result = {"rows": None, "paths": {}}
     if run.main:
-        with run.phase("student evaluation", f"{len(splits.eval)} examples"):
+        with run.phase("student evaluation", f"{len(splits.eval)} {unit}"):
             metrics[label] = evaluate_model(compressed, splits.eval, task, collator_for(task, tokenizer), r.report.eval_batch_size)
         run.say(f"{label}: {_fmt_metrics(metrics[label])}")
         models = dict(zip(teacher_names, teachers))

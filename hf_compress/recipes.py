@@ -209,8 +209,6 @@ class Recipe:
         self.distillation_config()
         self.pruning_configs()
         self.quantization_config()
-        if self.distillation is not None and self.student.layers is None and self.student.name is None and self.teacher.name is None:
-            print("[hf-compress] note: distilling a copy of the model into itself (no student.layers / student.name)")
         return self
 
     def to_dict(self) -> dict:

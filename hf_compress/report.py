@@ -303,7 +303,7 @@ def _fmt(v, digits: int = 4) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if isinstance(v, float):
-        return f"{v:.{digits}g}"
+        return f"{v:,.0f}" if abs(v) >= 10 ** digits else f"{v:.{digits}g}"
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)

@@ -12,6 +12,7 @@ from hf_compress.testing import TokenDataset, tiny_bert, tiny_gpt2, tiny_llama
 MODELS = {
     "bert": lambda: tiny_bert(layers=4, hidden=32, heads=4, ffn=64),
     "llama": lambda: tiny_llama(layers=3, hidden=32, heads=4, kv_heads=2, ffn=64),
+    "gpt2": lambda: tiny_gpt2(layers=3, hidden=32, heads=4),
 }
 
 
@@ -30,7 +31,7 @@ def _params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
 @pytest.mark.parametrize("granularity", ["heads", "neurons", "layers"])
 def test_removal_shrinks_and_keeps_masked_logits(arch, granularity):
     model = MODELS[arch]()
@@ -46,7 +47,7 @@ def test_removal_shrinks_and_keeps_masked_logits(arch, granularity):
     s = structure(model)
     if granularity == "heads":
         assert sum(s["heads"]) == sum(shape["heads"]) - round(0.5 * sum(shape["heads"]))
-        assert model.get_submodule(p.names[0]).weight.shape[0] < p.weights[0].shape[0]
+        assert model.get_submodule(p.names[0]).weight.numel() < p.weights[0].numel()
     elif granularity == "neurons":
         assert sum(s["ffn"]) == sum(shape["ffn"]) // 2
     else:
@@ -96,12 +97,35 @@ def test_removing_too_many_units_is_an_error():
 
 
 def test_unsupported_architecture_is_a_clear_error():
-    with pytest.raises(ValueError, match="BERT-family encoders .* Llama-style decoders"):
-        Pruner(tiny_gpt2(), granularity="heads")
-    # unstructured pruning still works on it (transposed Conv1D weights)
-    p = Pruner(tiny_gpt2(), granularity="unstructured")
+    from transformers import OPTConfig, OPTForCausalLM
+
+    opt = OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                   num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32))
+    with pytest.raises(ValueError, match="BERT-family encoders .* Llama-style decoders .* OPTForCausalLM is none"):
+        Pruner(opt, granularity="heads")
+    # unstructured pruning still works on it
+    p = Pruner(opt, granularity="unstructured")
     p.update(0.5)
     assert abs(p.sparsity() - 0.5) < 1e-3
+
+
+def test_gpt2_fused_qkv_heads_and_conv1d_nm():
+    model = tiny_gpt2(layers=2, hidden=32, heads=4)
+    batch = _batch()
+    p = Pruner(model, granularity="heads", scope="local")
+    p.update(0.5)
+    qkv = p.masks[p.index["transformer.h.0.attn.c_attn"]]  # Conv1D (in, 3*hidden): the q, k, v runs agree
+    q, k, v = qkv.split(32, dim=1)
+    assert torch.equal(q, k) and torch.equal(q, v) and int((~q[0]).sum()) == 16
+    masked = _logits(model, batch)
+    remove_pruned(model)
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (32, 48)
+    torch.testing.assert_close(_logits(model, batch), masked, rtol=1e-5, atol=1e-5)
+    # N:M along the input dim of a transposed Conv1D weight (in, out): groups run down dim 0
+    nm = Pruner(tiny_gpt2(), granularity="n:m")
+    nm.update(0.5)
+    w = nm.weights[0].detach()
+    assert ((w.T.reshape(w.shape[1], -1, 4) == 0).sum(-1) >= 2).all()
 
 
 def _train(model, tmp_path, config, steps=6, **kw):
@@ -116,7 +140,7 @@ def _train(model, tmp_path, config, steps=6, **kw):
     return trainer, cb
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
 def test_save_model_load_pretrained_nonuniform(arch, tmp_path):
     model = MODELS[arch]()
     batch = _batch()
@@ -141,6 +165,7 @@ def test_save_model_load_pretrained_nonuniform(arch, tmp_path):
     ("bert", "neurons", AutoModelForSequenceClassification),
     ("bert", "layers", AutoModelForSequenceClassification),
     ("llama", "heads", AutoModelForCausalLM),
+    ("gpt2", "neurons", AutoModelForCausalLM),
 ])
 def test_uniform_shapes_reload_with_auto_class(arch, granularity, auto, tmp_path):
     model = MODELS[arch]()

@@ -88,15 +88,16 @@ def unit_masks(unit_scores: list[torch.Tensor], sparsity: float, scope: str = "g
     return list(_keep_highest(flat, k).split(sizes))
 
 
-def unit_sum(score: torch.Tensor, dim: int, n_units: int) -> torch.Tensor:
-    """Sum of `score` over each of `n_units` equal slices along `dim`."""
-    return score.movedim(dim, 0).reshape(n_units, -1).sum(1)
+def unit_sum(score: torch.Tensor, dim: int, n_units: int, segments: int = 1) -> torch.Tensor:
+    """Sum of `score` over each of `n_units` equal slices along `dim`. With `segments` > 1 the dim
+    packs several such runs back to back (GPT-2's fused q|k|v): unit u owns its slice in each."""
+    return score.movedim(dim, 0).reshape(segments, n_units, -1).sum((0, 2))
 
 
-def spread(unit_mask: torch.Tensor, dim: int, like: torch.Tensor) -> torch.Tensor:
-    """Element mask shaped like `like`: unit u covers the u-th equal slice along `dim`."""
-    size = like.shape[dim] // unit_mask.numel()
-    m = unit_mask.repeat_interleave(size)
+def spread(unit_mask: torch.Tensor, dim: int, like: torch.Tensor, segments: int = 1) -> torch.Tensor:
+    """Element mask shaped like `like`: unit u covers the u-th equal slice along `dim` (in each segment)."""
+    size = like.shape[dim] // (unit_mask.numel() * segments)
+    m = unit_mask.repeat_interleave(size).repeat(segments)
     view = [1] * like.dim()
     view[dim] = -1
     return m.view(view).expand_as(like).contiguous()

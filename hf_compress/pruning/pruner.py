@@ -146,7 +146,8 @@ class Pruner:
             self.masks = nm_masks(sc, zeros, self.m, self.in_dims)
         else:
             unit_scores = [
-                sum(unit_sum(sc[self.index[x]], d, g.n_units) for x, d in g.parts) for g in self.groups
+                sum(unit_sum(sc[self.index[x]], d, g.n_units, g.segments.get(x, 1)) for x, d in g.parts)
+                for g in self.groups
             ]
             layers = self.granularity == "layers"
             self.units = unit_masks(unit_scores, sparsity, "global" if layers else self.scope, keep_one=not layers)
@@ -158,7 +159,7 @@ class Pruner:
         for g, keep in zip(self.groups, self.units):
             for x, d in g.parts:
                 i = self.index[x]
-                masks[i] = spread(keep, d, self.weights[i])
+                masks[i] = spread(keep, d, self.weights[i], g.segments.get(x, 1))
         self.masks = masks
         if self.granularity == "layers":
             blocks = find_blocks(self.model)[1]

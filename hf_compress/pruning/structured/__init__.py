@@ -16,10 +16,11 @@ from torch import nn
 
 from ...modules import find_blocks, out_axis, unwrap
 from ...serialization import get_metadata, record
-from . import bert, llama
+from . import bert, gpt2, llama
+from ..masks import unit_sum
 from .common import UnitGroup, is_skipped, set_layer_skip, unit_index  # noqa: F401
 
-FAMILIES: tuple[ModuleType, ...] = (bert, llama)
+FAMILIES: tuple[ModuleType, ...] = (bert, llama, gpt2)
 
 
 def family(model: nn.Module) -> ModuleType:
@@ -29,8 +30,8 @@ def family(model: nn.Module) -> ModuleType:
             return fam
     raise ValueError(
         f"Structured pruning (heads / neurons / layers) supports BERT-family encoders "
-        f"(BERT, RoBERTa, ELECTRA, ...) and Llama-style decoders (Llama, Mistral, Qwen2, ...); "
-        f"{type(model).__name__} is neither. Use granularity='unstructured' or 'n:m' for this model."
+        f"(BERT, RoBERTa, ELECTRA, ...), Llama-style decoders (Llama, Mistral, Qwen2, ...) and GPT-2; "
+        f"{type(model).__name__} is none of these. Use granularity='unstructured' or 'n:m' for this model."
     )
 
 
@@ -49,7 +50,8 @@ def _zero_units(model: nn.Module, group: UnitGroup) -> list[int]:
     for name, dim in group.parts:
         module = model.get_submodule(name)
         if dim != out_axis(module):  # the consumer: its zero input slices make the unit's output vanish
-            dead &= module.weight.detach().ne(0).movedim(dim, 0).reshape(group.n_units, -1).sum(1).eq(0).cpu()
+            nonzero = module.weight.detach().ne(0).float()
+            dead &= unit_sum(nonzero, dim, group.n_units, group.segments.get(name, 1)).eq(0).cpu()
     units = dead.nonzero().flatten().tolist()
     return units[1:] if len(units) == group.n_units else units
 

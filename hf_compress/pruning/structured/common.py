@@ -19,6 +19,7 @@ class UnitGroup:
     layer: int
     n_units: int
     parts: list[tuple[str, int]] = field(default_factory=list)  # (module name, weight dim)
+    segments: dict[str, int] = field(default_factory=dict)  # module name -> runs packed in that dim (GPT-2 q|k|v)
 
 
 def unit_index(keep: list[int], size: int) -> torch.Tensor:

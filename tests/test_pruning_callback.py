@@ -71,7 +71,7 @@ def test_zeros_survive_adamw_and_its_state_stays_zero(tmp_path):
     trainer, cb = _run(tmp_path, cfg, steps=30, learning_rate=5e-2, weight_decay=0.1, logging_steps=30)
     p = cb.pruner
     opt = trainer.optimizer
-    for w, m in zip(p.weights, p.masks):
+    for w, m in zip(p.weights, (m.bool() for m in p.masks)):
         assert int((~m).sum()) == round(0.6 * m.numel())  # local: exact per module
         assert (w[~m] == 0).all() and (w[m] != 0).all()
         state = opt.state[w]
@@ -113,7 +113,7 @@ def test_movement_and_taylor_scores_use_gradients():
     # movement masks follow the scores, not the magnitudes
     pm.update(0.5)
     flat_s = torch.cat([s.flatten() for s in pm.scores])
-    kept = torch.cat([m.flatten() for m in pm.masks])
+    kept = torch.cat([m.flatten() for m in pm.masks]).bool()
     assert flat_s[~kept].max() <= flat_s[kept].min()
 
 

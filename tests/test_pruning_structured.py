@@ -114,7 +114,7 @@ def test_gpt2_fused_qkv_heads_and_conv1d_nm():
     batch = _batch()
     p = Pruner(model, granularity="heads", scope="local")
     p.update(0.5)
-    qkv = p.masks[p.index["transformer.h.0.attn.c_attn"]]  # Conv1D (in, 3*hidden): the q, k, v runs agree
+    qkv = p.masks[p.index["transformer.h.0.attn.c_attn"]].bool()  # Conv1D (in, 3*hidden): the q, k, v runs agree
     q, k, v = qkv.split(32, dim=1)
     assert torch.equal(q, k) and torch.equal(q, v) and int((~q[0]).sum()) == 16
     masked = _logits(model, batch)

@@ -69,7 +69,9 @@ class Pruner:
             bad = [x for x, w, d in zip(names, self.weights, self.in_dims) if w.shape[d] % m]
             if bad:
                 raise ValueError(f"N:M pruning needs input sizes divisible by m={m}; these are not: {bad[:5]}. Exclude them.")
-        self.masks = [torch.ones_like(w, dtype=torch.bool) for w in self.weights]
+        # masks in the weights' dtype: a fused float multiply is ~2x faster than one with bool masks
+        self.masks = [torch.ones_like(w) for w in self.weights]
+        self.active = False  # nothing pruned yet: the per-step multiplies are skipped
         self.units = [torch.ones(g.n_units, dtype=torch.bool, device=self.weights[0].device) for g in self.groups]
         self.scores = S.init_scores(self.weights, method)
 
@@ -130,20 +132,26 @@ class Pruner:
             S.accumulate(self.scores, self.weights, self.method)
 
     def mask_grads(self) -> None:
-        apply_masks([w.grad for w in self.weights], self.masks)
+        if self.active:
+            apply_masks([w.grad for w in self.weights], self.masks)
 
     def apply(self) -> None:
-        apply_masks(self.weights, self.masks)
+        if self.active:
+            apply_masks(self.weights, self.masks)
+
+    def _set(self, masks: list[torch.Tensor], active: bool) -> None:
+        self.masks = [m.to(w.dtype) for m, w in zip(masks, self.weights)]
+        self.active = active
 
     @torch.no_grad()
     def update(self, sparsity: float) -> None:
         """Recompute the masks for `sparsity` from the current scores, and apply them."""
         sc = S.current(self.scores, self.weights, self.method)
         if self.granularity == "unstructured":
-            self.masks = unstructured_masks(sc, sparsity, self.scope)
+            self._set(unstructured_masks(sc, sparsity, self.scope), sparsity > 0)
         elif self.granularity == "n:m":
             zeros = min(self.n, math.floor(sparsity * self.m + 1e-6))  # gradual: 0, 1, ..., n zeros per group
-            self.masks = nm_masks(sc, zeros, self.m, self.in_dims)
+            self._set(nm_masks(sc, zeros, self.m, self.in_dims), zeros > 0)
         else:
             unit_scores = [
                 sum(unit_sum(sc[self.index[x]], d, g.n_units, g.segments.get(x, 1)) for x, d in g.parts)
@@ -160,7 +168,7 @@ class Pruner:
             for x, d in g.parts:
                 i = self.index[x]
                 masks[i] = spread(keep, d, self.weights[i], g.segments.get(x, 1))
-        self.masks = masks
+        self._set(masks, not all(bool(u.all()) for u in self.units))
         if self.granularity == "layers":
             blocks = find_blocks(self.model)[1]
             for g, keep in zip(self.groups, self.units):
@@ -170,7 +178,7 @@ class Pruner:
     @torch.no_grad()
     def sparsity(self, per_module: bool = False):
         """Fraction of exact zeros kept by the masks (overall, or {module: fraction})."""
-        pruned = torch.stack([(~mk).sum() for mk in self.masks]).cpu()
+        pruned = torch.stack([(mk == 0).sum() for mk in self.masks]).cpu()
         sizes = torch.tensor([mk.numel() for mk in self.masks])
         if per_module:
             return {x: float(p / s) for x, p, s in zip(self.names, pruned, sizes)}
@@ -181,7 +189,7 @@ class Pruner:
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"mask.{x}": mk for x, mk in zip(self.names, self.masks)}
+        state = {f"mask.{x}": mk.bool() for x, mk in zip(self.names, self.masks)}
         state.update({f"score.{x}": s for x, s in zip(self.names, self.scores)})
         state.update({f"units.{i}": u for i, u in enumerate(self.units)})
         return state
@@ -192,7 +200,8 @@ class Pruner:
         if missing:
             raise ValueError(f"The saved pruning state does not fit this model (missing {missing[:3]}).")
         dev = self.weights[0].device
-        self.masks = [state[f"mask.{x}"].to(dev, torch.bool) for x in self.names]
+        masks = [state[f"mask.{x}"].to(dev, torch.bool) for x in self.names]
+        self._set(masks, not all(bool(m.all()) for m in masks))
         for x, s in zip(self.names, self.scores):
             s.copy_(state[f"score.{x}"])
         self.units = [state[f"units.{i}"].to(dev, torch.bool) for i in range(len(self.units))]

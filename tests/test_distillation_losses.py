@@ -143,12 +143,23 @@ def test_kd_loss_is_float32_and_finite_for_low_precision_logits():
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
 
 
-def test_uniform_layer_map():
-    assert L.uniform_layer_map(3, 6) == {0: 1, 1: 3, 2: 5}
-    assert L.uniform_layer_map(4, 4) == {0: 0, 1: 1, 2: 2, 3: 3}
-    assert L.uniform_layer_map(2, 12) == {0: 5, 1: 11}
-    m = L.uniform_layer_map(5, 7)
+def test_layer_maps_and_projections():
+    from hf_compress.distillation.layers import make_projections, resolve_layer_map, uniform_layer_map
+
+    assert uniform_layer_map(3, 6) == {0: 1, 1: 3, 2: 5}
+    assert uniform_layer_map(4, 4) == {0: 0, 1: 1, 2: 2, 3: 3}
+    assert uniform_layer_map(2, 12) == {0: 5, 1: 11}
+    m = uniform_layer_map(5, 7)
     assert sorted(m.values()) == list(m.values()) and m[4] == 6
+    assert resolve_layer_map(None, 3, 6) == {0: 1, 1: 3, 2: 5}
+    assert resolve_layer_map({0: 0}, 3, 6) == {0: 0}
+    with pytest.raises(ValueError, match="layer_map entry 3: 0"):
+        resolve_layer_map({3: 0}, 3, 6)
+    state = torch.get_rng_state()
+    p1, p2 = make_projections(16, 32, [0, 2], seed=5), make_projections(16, 32, [0, 2], seed=5)
+    assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
+    assert set(p1) == {"0", "2"} and p1["0"].weight.shape == (32, 16) and torch.equal(p1["2"].weight, p2["2"].weight)
+    assert len(make_projections(32, 32, [0, 1])) == 0
 
 
 def test_bad_kind_names():

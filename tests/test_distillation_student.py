@@ -96,3 +96,20 @@ def test_cache_stores_topk_per_example_and_position():
         cache_teacher_logits(teacher, rows)
     with pytest.raises(ValueError, match="k="):
         cache_teacher_logits(teacher, data, k=0)
+
+
+def test_load_teacher_frozen_and_low_bit(tmp_path):
+    import bitsandbytes as bnb
+
+    from hf_compress.distillation.teacher import load_teacher
+
+    tiny_bert(layers=2, hidden=64, ffn=128, seed=1).save_pretrained(tmp_path)
+    full = load_teacher(tmp_path)
+    assert type(full).__name__ == "BertForSequenceClassification" and is_frozen(full)
+    low = load_teacher(tmp_path, low_bit="nf4")
+    assert is_frozen(low) and any(isinstance(m, bnb.nn.Linear4bit) for m in low.modules())
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        assert low(input_ids=ids).logits.shape == full(input_ids=ids).logits.shape
+    with pytest.raises(ValueError, match="low_bit"):
+        load_teacher(tmp_path, low_bit="int2")

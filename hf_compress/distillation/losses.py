@@ -197,7 +197,3 @@ def attention_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor, mask:
             mask = mask.bool()[:, None, :].expand_as(per_query)
         return masked_mean(per_query, mask)
 
-
-def uniform_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
-    """Student block i -> teacher block ⌈(i+1)·Lt/Ls⌉−1: evenly spread, the last onto the last."""
-    return {i: max(0, -(-(i + 1) * teacher_layers // student_layers) - 1) for i in range(student_layers)}

@@ -27,6 +27,11 @@ def prepare_teacher(teacher: nn.Module, accelerator: Any | None = None) -> nn.Mo
     teacher.requires_grad_(False)
     if accelerator is not None:
         teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+        # prepare_model skips placement under FSDP (it expects to shard); an unsharded teacher still
+        # has to sit where the student's inputs are. Dispatched (device_map) and bitsandbytes models stay put.
+        placed = getattr(teacher, "hf_device_map", None) or getattr(teacher, "quantization_method", None)
+        if not placed and any(p.device != accelerator.device for p in teacher.parameters()):
+            teacher.to(accelerator.device)
     return teacher
 
 

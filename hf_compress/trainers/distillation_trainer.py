@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .. import checkpointing
 from ..distillation import losses as L
 from ..distillation.cache import COLUMNS, INDICES, VALUES, CachedLogitsCollator, forward_columns, has_cached_logits
+from ..distillation.layers import make_projections, resolve_layer_map
 from ..distillation.teacher import prepare_teacher
 from ..modules import unwrap
 from .distillation_config import DistillationConfig
@@ -212,13 +213,7 @@ class DistillationTrainer(Trainer):
         if not cfg.uses_intermediate:
             return {}
         teacher = _base(teachers[0])
-        ls, lt = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-        layer_map = cfg.layer_map or L.uniform_layer_map(ls, lt)
-        for s, t in layer_map.items():
-            if not (0 <= s < ls and 0 <= t < lt):
-                raise ValueError(
-                    f"layer_map entry {s}: {t} is out of range: the student has layers 0..{ls - 1}, the teacher 0..{lt - 1}."
-                )
+        layer_map = resolve_layer_map(cfg.layer_map, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
         ds, dt = student.config.hidden_size, teacher.config.hidden_size
         if cfg.hidden_loss_weight > 0 and ds != dt and not cfg.hidden_projection:
             raise ValueError(
@@ -258,16 +253,10 @@ class DistillationTrainer(Trainer):
         return self._causal or "TokenClassification" in type(_base(self.model)).__name__
 
     def _make_projections(self, student: nn.Module) -> nn.ModuleDict:
-        cfg = self.distillation_config
-        projections = nn.ModuleDict()
-        if cfg.hidden_loss_weight > 0:
-            ds, dt = student.config.hidden_size, _base(self.teachers[0]).config.hidden_size
-            if ds != dt:
-                with torch.random.fork_rng(devices=[]):  # same init on every rank, global RNG untouched
-                    torch.manual_seed(self.args.seed)
-                    for s in sorted(self.layer_map):
-                        projections[str(s)] = nn.Linear(ds, dt, bias=False)
-        return projections.to(self.args.device)
+        if self.distillation_config.hidden_loss_weight <= 0:
+            return nn.ModuleDict()
+        ds, dt = student.config.hidden_size, _base(self.teachers[0]).config.hidden_size
+        return make_projections(ds, dt, self.layer_map, seed=self.args.seed).to(self.args.device)
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, plus a parameter group for the learned hidden-state projections."""

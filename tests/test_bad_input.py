@@ -1,0 +1,143 @@
+"""Every bad input in docs/bad_input.md, one row a case: the error type and the words the user sees.
+
+The docs table and CASES share their ids; `test_docs_table_lists_every_case` keeps them in step.
+Cases that need a training run of their own (resume with another config, a cut-short checkpoint)
+live in test_resume.py and are listed there in the table.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from hf_compress import (DistillationConfig, DistillationTrainer, PruningCallback, PruningConfig, QATCallback,
+                         QATConfig, load_pretrained)
+from hf_compress.testing import TokenDataset, tiny_bert, tiny_llama
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_input.md"
+
+
+def args(tmp):
+    return TrainingArguments(output_dir=str(tmp), use_cpu=True, report_to=[], max_steps=2,
+                             per_device_train_batch_size=4, disable_tqdm=True, save_strategy="no")
+
+
+def kd(tmp, student, teacher, **cfg):
+    return DistillationTrainer(model=student, teacher_model=teacher, args=args(tmp),
+                               distillation_config=DistillationConfig(**cfg) if cfg else None,
+                               train_dataset=TokenDataset(8))
+
+
+def with_callback(tmp, cb, model=None):
+    return Trainer(model=model or tiny_bert(), args=args(tmp), train_dataset=TokenDataset(8), callbacks=[cb])
+
+
+def nan_teacher(tmp):
+    teacher = tiny_bert(seed=1)
+    teacher.classifier.register_forward_hook(lambda m, i, o: o * float("nan"))
+    kd(tmp, tiny_bert(layers=2), teacher).train()
+
+
+def recipe(tmp, text):
+    from hf_compress.recipes import load_recipe
+
+    (tmp / "r.yaml").write_text(text)
+    return load_recipe(tmp / "r.yaml")  # validates every section against its config class
+
+
+BASE = "model: {name: 'tiny:bert', task: sequence-classification, num_labels: 2}\ndata: {local: sst2}\n"
+
+
+def data(tmp, rows, **cfg):
+    import json
+
+    from hf_compress.data import DataConfig, load_datasets
+
+    (tmp / "d").mkdir()
+    for split in ("train", "validation"):
+        (tmp / "d" / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    from transformers import BertTokenizerFast
+    from hf_compress.testing import minilm_path
+
+    tok = BertTokenizerFast.from_pretrained(minilm_path())
+    load_datasets(DataConfig(local=str(tmp / "d"), **cfg), tok, "sequence-classification")
+
+
+def missing_data(tmp):
+    from hf_compress.data import DataConfig, load_rows
+
+    load_rows(DataConfig(local="no_such_folder"), data_dir=tmp)
+
+
+def pickle_only(tmp):
+    m = tiny_bert()
+    m.save_pretrained(tmp)
+    (tmp / "model.safetensors").rename(tmp / "pytorch_model.bin")
+    load_pretrained(tmp)
+
+
+CASES = {
+    "kd-temperature": (lambda t: DistillationConfig(temperature=0), ValueError, r"`temperature`=0.0 must be > 0"),
+    "kd-alpha": (lambda t: DistillationConfig(alpha=1.5), ValueError, r"`alpha`=1.5 must be ≤ 1"),
+    "kd-kd_loss": (lambda t: DistillationConfig(kd_loss="kl"), ValueError, r"`kd_loss`='kl': choose one of"),
+    "kd-no-teacher": (lambda t: kd(t, tiny_bert(), None), ValueError, r"teacher"),
+    "kd-labels": (lambda t: kd(t, tiny_bert(), tiny_bert(num_labels=3)), ValueError, r"label"),
+    "kd-vocab": (lambda t: kd(t, tiny_llama(), _resized(tiny_llama(), 64)), ValueError, r"vocab"),
+    "kd-hidden-width": (lambda t: kd(t, tiny_bert(), tiny_bert(hidden=48), hidden_loss_weight=1.0, hidden_projection=False),
+                        ValueError, r"hidden_projection"),
+    "kd-layer-map": (lambda t: kd(t, tiny_bert(layers=2), tiny_bert(), hidden_loss_weight=1.0, layer_map={0: 9}),
+                     ValueError, r"layer_map"),
+    "kd-attention-heads": (lambda t: kd(t, tiny_bert(heads=2), tiny_bert(), attention_loss_weight=1.0),
+                           ValueError, r"head"),
+    "kd-nan": (nan_teacher, FloatingPointError, r"step 1.*soft|soft.*step 1"),
+    "prune-sparsity": (lambda t: PruningConfig(target_sparsity=1.0), ValueError, r"target_sparsity"),
+    "prune-method": (lambda t: PruningConfig(method="random"), ValueError, r"method"),
+    "prune-granularity": (lambda t: PruningConfig(granularity="rows"), ValueError, r"granularity"),
+    "prune-n-m": (lambda t: PruningConfig(granularity="n:m", n=4, m=4), ValueError, r"\bn\b.*\bm\b"),
+    "prune-steps": (lambda t: PruningConfig(start_step=10, end_step=5), ValueError, r"end_step"),
+    "prune-no-target": (lambda t: with_callback(t, PruningCallback(PruningConfig(targets=["nothing_here"]))),
+                        ValueError, r"`targets`.*matches no Linear"),
+    "prune-too-many-units": (lambda t: with_callback(t, PruningCallback(PruningConfig(granularity="layers", target_sparsity=0.9))),
+                             ValueError, r"layer"),
+    "prune-architecture": (lambda t: with_callback(t, PruningCallback(PruningConfig(granularity="heads")),
+                                                   model=_t5()),
+                           ValueError, r"not supported|unsupported|support"),
+    "qat-bits": (lambda t: QATConfig(weight_bits=16), ValueError, r"weight_bits"),
+    "qat-export": (lambda t: QATConfig(export="onnx"), ValueError, r"export"),
+    "qat-observer": (lambda t: QATConfig(activation_bits=8, observer="histogram"), ValueError, r"observer"),
+    "qat-no-target": (lambda t: with_callback(t, QATCallback(QATConfig(targets=["nothing_here"]))),
+                      ValueError, r"`targets`.*matches no Linear"),
+    "recipe-unknown-key": (lambda t: recipe(t, BASE + "trainig: {max_steps: 3}\n"), ValueError, r"trainig.*training"),
+    "recipe-unknown-field": (lambda t: recipe(t, BASE + "pruning: {target_sparsty: 0.5}\n"), ValueError,
+                             r"target_sparsty.*target_sparsity"),
+    "data-missing": (lambda t: missing_data(t), FileNotFoundError, r"data_dir=DIR"),
+    "data-columns": (lambda t: data(t, [{"sentence": "good", "label": 1}] * 4), ValueError, r"text_column"),
+    "load-pickle": (pickle_only, FileNotFoundError, r"safetensors only"),
+}
+
+
+def _resized(model, vocab):
+    model.resize_token_embeddings(vocab)
+    return model
+
+
+def _t5():
+    from transformers import T5Config, T5ForSequenceClassification
+
+    return T5ForSequenceClassification(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                                decoder_start_token_id=0, pad_token_id=0))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(case, tmp_path):
+    fn, exc, pattern = CASES[case]
+    with pytest.raises(exc) as err:
+        fn(tmp_path)
+    assert re.search(pattern, str(err.value), re.S), str(err.value)
+
+
+def test_docs_table_lists_every_case():
+    rows = re.findall(r"^\| `([\w-]+)` \|", DOC.read_text(), re.M)
+    assert set(rows) - {"resume-config", "resume-cut-short"} == set(CASES)

@@ -96,8 +96,6 @@ def _train(model, args, splits, tokenizer, task, trainer_cls=None, **kw):
 
 def _load_teachers(run: Run, tokenizer, splits) -> list:
     """Teacher models, fine-tuned first when `teacher.train` is set (and saved for reuse)."""
-    from transformers import AutoConfig
-
     r = run.recipe
     names = [n or r.model.name for n in r.teacher.names]
     num_labels = r.model.num_labels or splits.num_labels

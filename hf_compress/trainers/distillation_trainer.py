@@ -146,7 +146,6 @@ class DistillationTrainer(Trainer):
         self.distillation_config = cfg
         student = _base(self.model)
         self._causal = _is_causal_lm(student)
-        self._cached = cached
         self.layer_map = self._validate(student, teachers, cfg, cached)
         if cached and teachers and not cfg.uses_intermediate:
             logger.warning("train_dataset holds cached teacher logits: teacher_model is not run during training.")

@@ -29,7 +29,7 @@ def check_plain(selected: dict[str, nn.Module]) -> None:
 
 
 class Pruner:
-    """Masks (True = kept) over the weights of the targeted Linear layers of `model`."""
+    """Masks (1 = kept, 0 = pruned, in the weights' dtype) over the weights of the targeted Linear layers of `model`."""
 
     def __init__(
         self,

@@ -35,7 +35,7 @@ warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 
 
 def ref_fake_quant(w: np.ndarray, bits: int, symmetric: bool, group: int | None, per_channel: bool = True):
-    """Independent reference: the formula written out row by row, group by group, in float64 numpy."""
+    """Independent reference: the formula written out row by row, group by group, in float32 numpy."""
     out = np.empty_like(w, dtype=np.float64)
     rows = [w.reshape(-1)] if not per_channel and not group else list(w)
     res = []
@@ -53,7 +53,7 @@ def ref_fake_quant(w: np.ndarray, bits: int, symmetric: bool, group: int | None,
                 qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
                 s = np.float32((np.float32(hi) - np.float32(lo)) / (qmax - qmin)) if hi > lo else np.float32(1)
                 z = np.float32(np.clip(qmin - np.rint(np.float32(lo) / s), qmin, qmax))
-            q = np.clip(np.rint(r / s + z), qmin, qmax)
+            q = np.clip(np.rint(r * (np.float32(1) / s)) + z, qmin, qmax)  # r/S via the float32 reciprocal
             qrow.append(((q - z) * s).astype(np.float32))
         res.append(np.concatenate(qrow))
     out = np.stack(res).reshape(w.shape) if per_channel or group else res[0].reshape(w.shape)
@@ -260,7 +260,7 @@ def test_autocast_bf16_forward_and_float32_master_gradients():
 
 
 def ref_fq_act(x, s, z):
-    return (torch.clamp(torch.round(x / s + z), -128, 127) - z) * s
+    return (torch.clamp(torch.round(x * (1 / s)) + z, -128, 127) - z) * s
 
 
 # ---------------------------------------------------------------- export backends
@@ -398,7 +398,7 @@ def test_ptq_static_calibrates_ranges_and_reloads(tmp_path):
     assert obs.lo == min(s.min() for s in seen) and obs.hi == max(s.max() for s in seen)
     assert not obs.observing
     meta = model.config.hf_compress["quantization"]
-    assert meta["layers"]["bert.encoder.layer.1.output.dense"]["input_range"] == [float(obs.lo), float(obs.hi)]
+    assert meta["layers"]["bert.encoder.layer.1.output.dense"]["input_quant"] == [float(obs.lo), float(obs.hi)]
     # the layer now quantises its input with the frozen range
     x = torch.randn(5, 64) * 3
     s, z = obs.qparams(8, False)
@@ -410,6 +410,31 @@ def test_ptq_static_calibrates_ranges_and_reloads(tmp_path):
     with torch.no_grad():
         assert torch.equal(back(**xi).logits, model(**xi).logits)
     assert back.bert.encoder.layer[1].output.dense.input_observer.hi == obs.hi
+
+
+def test_dynamic_activation_quant_matches_int8_kernel_and_reloads(tmp_path):
+    """observer='dynamic' fake-quantises each input with its own range, as the torch-int8 kernel does."""
+    model = tiny_bert(hidden=64, ffn=128)
+    quantize_model(model, QATConfig(activation_bits=8, observer="dynamic"))  # nothing to calibrate
+    layer = model.bert.encoder.layer[0].intermediate.dense
+    assert not hasattr(layer, "input_observer") or layer.input_observer is None
+    x = torch.randn(6, 64) * 2 + 0.5
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    s = torch.tensor((hi - lo) / 255)
+    z = torch.clamp(-128 - torch.round(torch.tensor(lo) / s), -128, 127)
+    want = F.linear(ref_fq_act(x, s, z), layer.weight, layer.bias)
+    assert torch.allclose(layer(x), want, atol=1e-6)
+    from hf_compress.quantization.backends.torch_int8 import Int8Linear
+
+    real = Int8Linear.from_float(layer, QScheme(8))
+    assert _rel(real(x), layer(x)) < 1e-3  # only the kernel's own zero-point nudging differs
+    model.save_pretrained(tmp_path)
+    back = load_pretrained(tmp_path)
+    assert back.config.hf_compress["quantization"]["layers"]["bert.encoder.layer.0.intermediate.dense"]["input_quant"] == "dynamic"
+    xi = _inputs()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(back(**xi).logits, model(**xi).logits)
 
 
 def test_ptq_export_torch_int8():

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 from ..quantization.backends import get_backend, names as backend_names
 from ..quantization.numerics import NF4_GROUP_SIZES
-from ..quantization.observers import KINDS
+from ..quantization.observers import ACT_RANGES
 from ..quantization.plan import scheme_for_bits
 
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -73,8 +73,9 @@ class QATConfig:
     )
     observer: str = field(
         default="moving_average",
-        metadata={"help": f"Activation range observer, one of {KINDS}: running min/max; exponential moving "
-                          "average of each step's min/max; moving average of each batch's percentile."},
+        metadata={"help": f"Activation ranges, one of {ACT_RANGES}: running min/max; exponential moving average "
+                          "of each step's min/max; moving average of each batch's percentile; 'dynamic': each "
+                          "tensor's own min/max, exactly what the torch-int8 kernels do at run time."},
     )
     percentile: float = field(
         default=99.99,
@@ -105,7 +106,9 @@ class QATConfig:
         default=None,
         metadata={"help": f"At the end of training: None keeps float weights set to their quantised values; "
                           f"one of {backend_names()} converts the targeted layers into real low-bit layers "
-                          f"(torch-int8: int8 CPU kernels; bnb-*: bitsandbytes Linear8bitLt / Linear4bit)."},
+                          f"(torch-int8: int8 CPU kernels, which quantise activations at run time — train with "
+                          f"activation_bits=8, observer='dynamic' to match them; bnb-*: bitsandbytes Linear8bitLt / "
+                          f"Linear4bit)."},
     )
 
     def __post_init__(self):
@@ -153,8 +156,8 @@ class QATConfig:
                 bad("group_size", f"NF4 groups are bitsandbytes blocks: use one of {NF4_GROUP_SIZES}.")
             if not self.symmetric:
                 bad("symmetric", "NF4 is symmetric (absmax scaling): use symmetric=True.")
-        if self.observer not in KINDS:
-            bad("observer", f"use one of {KINDS}.")
+        if self.observer not in ACT_RANGES:
+            bad("observer", f"use one of {ACT_RANGES}.")
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
             bad("percentile", "use a number in (50, 100], e.g. 99.99.")
         if isinstance(self.averaging, bool) or not isinstance(self.averaging, (int, float)) or not 0 < self.averaging <= 1:

@@ -61,8 +61,9 @@ def finalize(
 
     `export=None`: each targeted weight is replaced by its quantised-dequantised value (float storage,
     every group of each output channel on ≤ 2^bits levels) and fake quantisation is removed — unless
-    `keep_input_quant` (static PTQ), where layers keep quantising their inputs with their frozen ranges,
-    which are recorded so that `load_pretrained` restores them.
+    `keep_input_quant` (PTQ with activation_bits), where layers keep quantising their inputs (frozen
+    calibrated ranges, or each tensor's own range for observer="dynamic"), recorded as
+    ``input_quant`` so that `load_pretrained` restores it.
     `export=<backend>`: each targeted layer becomes that backend's real low-bit layer, built with the
     same numerics from the float master weight. Layers that no longer exist (removed by structured
     pruning) are skipped; layers pruning replaced by plain Linears are quantised all the same.
@@ -82,13 +83,15 @@ def finalize(
         lp = LayerPlan(_fit(lp.weight, width, name), lp.act)
         entry = {"in_features": width, "out_features": out, "bias": m.bias is not None}
         obs = getattr(m, "input_observer", None)
-        keep = keep_input_quant and backend is None and obs is not None and obs.ready
+        dynamic = lp.act is not None and lp.act.observer == "dynamic"
+        keep = keep_input_quant and backend is None and is_fake_quant(m) and (dynamic or (obs is not None and obs.ready))
         if is_fake_quant(m) and not keep:
             restore_layer(m)
         if keep:
             m.hfc_plan = lp
-            obs.observing = False
-            entry["input_range"] = [float(obs.lo), float(obs.hi)]
+            if obs is not None:
+                obs.observing = False
+            entry["input_quant"] = "dynamic" if dynamic else [float(obs.lo), float(obs.hi)]
         if backend is None:
             with torch.no_grad():
                 m.weight.copy_(fake_quantize_weight(m.weight.detach(), lp.weight, axis))
@@ -118,14 +121,15 @@ def rebuild_quantized(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
         )
     export = meta.get("backend")
     if not export:  # float weights already on the grid; static PTQ layers get their input ranges back
-        static = {n: d for n, d in meta["layers"].items() if d.get("input_range")}
-        if static:
-            insert_fake_quant(model, {n: LayerPlan.from_dict(d) for n, d in static.items()})
-            for name, d in static.items():
-                obs = model.get_submodule(name).input_observer
-                obs.load_state({"lo": torch.tensor(d["input_range"][0]), "hi": torch.tensor(d["input_range"][1]),
-                                "initialized": torch.tensor(True)})
-                obs.observing = False
+        kept = {n: d for n, d in meta["layers"].items() if d.get("input_quant")}
+        if kept:
+            insert_fake_quant(model, {n: LayerPlan.from_dict(d) for n, d in kept.items()})
+            for name, d in kept.items():
+                if d["input_quant"] != "dynamic":
+                    lo, hi = d["input_quant"]
+                    obs = model.get_submodule(name).input_observer
+                    obs.load_state({"lo": torch.tensor(lo), "hi": torch.tensor(hi), "initialized": torch.tensor(True)})
+                    obs.observing = False
         return model
     backend = get_backend(export)
     backend.require()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules import out_axis
-from .numerics import fake_quantize, fake_quantize_weight
+from .numerics import fake_quantize, fake_quantize_weight, qparams
 from .observers import Observer
 from .plan import LayerPlan
 
@@ -30,16 +30,20 @@ class FakeQuantMixin:
     hfc_base: type
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        obs = getattr(self, "input_observer", None)
-        if obs is None:
+        act = self.hfc_plan.act
+        if act is None:
             return x
+        if act.observer == "dynamic":  # this tensor's own range, as the int8 CPU kernels do at run time
+            with torch.no_grad():
+                scale, zero = qparams(*torch.aminmax(x.detach()), act.bits, act.symmetric)
+            return fake_quantize(x, scale, zero, act.qmin, act.qmax)
+        obs = self.input_observer
         if obs.observe_in_eval:  # PTQ calibration: ranges of the float inputs, nothing quantised yet
             return obs(x)
         if obs.observing and self.training:
             obs(x)
         if not obs.ready:  # no committed range yet: the first step sees float inputs
             return x
-        act = self.hfc_plan.act
         scale, zero = obs.qparams(act.bits, act.symmetric)
         return fake_quantize(x, scale, zero, act.qmin, act.qmax)
 
@@ -89,7 +93,7 @@ def insert_fake_quant(model: nn.Module, plan: dict[str, LayerPlan]) -> list[str]
         axis = out_axis(m)
         m.__class__ = _fake_class(type(m))
         m.hfc_plan, m.hfc_axis = lp, axis
-        if lp.act is not None:
+        if lp.act is not None and lp.act.observer != "dynamic":
             m.input_observer = Observer(lp.act.observer, lp.act.averaging, lp.act.percentile).to(m.weight.device)
     return list(plan)
 

@@ -4,6 +4,9 @@ Uniform ("int") grid, the scale / zero-point formula:
 
     q  = clamp(round(r / S + Z), qmin, qmax)        r̂ = (q - Z) · S
 
+(computed as Z + round(r · (1/S)) with the float32 reciprocal, exactly as PyTorch's fused
+fake-quantisation kernels do: training runs those kernels, export stores the same integers)
+
 * symmetric: Z = 0, S = max|r| / qmax, q in [-(2^(b-1) - 1), 2^(b-1) - 1] (the "restricted" range,
   so that +max and -max are both exact and int8 kernels never see -128);
 * asymmetric: q in [-2^(b-1), 2^(b-1) - 1], S = (max - min) / (qmax - qmin), Z = qmin - round(min / S).
@@ -22,6 +25,7 @@ float32 whatever the input dtype (bf16 / fp16 / autocast) and the result is cast
 
 Straight-through estimator: d r̂ / d r = 1 where round(r/S + Z) lies inside [qmin, qmax] and 0 where it
 was clamped; scales and zero points get no gradient (they are statistics of the tensor, not learnt).
+Group-wise scales use the per-channel kernel on the [out · n_groups, group] view of the weight.
 """
 
 from __future__ import annotations
@@ -113,34 +117,35 @@ def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> t
     return scale, zero
 
 
-class _FakeQuant(torch.autograd.Function):
-    """r̂ = (clamp(round(r/S + Z)) - Z)·S with the clipped straight-through gradient."""
-
-    @staticmethod
-    def forward(ctx, x, scale, zero, qmin, qmax):
-        q = torch.round(x / scale + zero)
-        inside = (q >= qmin) & (q <= qmax)
-        ctx.save_for_backward(inside)
-        return (torch.clamp(q, qmin, qmax) - zero) * scale
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None
-
-
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Integer codes (as float32): clamp(round(x / S + Z), qmin, qmax)."""
-    return torch.clamp(torch.round(x.float() / scale + zero), qmin, qmax)
+    """Integer codes (as float32): clamp(Z + round(x · (1/S)), qmin, qmax).
+
+    Multiplying by the float32 reciprocal is exactly what PyTorch's fused fake-quantisation kernels do,
+    so the codes an export stores are bit-identical to what the training forward used.
+    """
+    return torch.clamp(torch.round(x.float() * torch.reciprocal(scale)) + zero, qmin, qmax)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return (q.float() - zero) * scale
 
 
+def _fake_rows(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Fused quantise → dequantise of a float32 [rows, k] tensor, one (S, Z) per row or one for all.
+
+    PyTorch's fake-quantisation kernels: one pass, with the clipped straight-through gradient built in
+    (identity where Z + round(x/S) lies in [qmin, qmax], zero elsewhere) and no gradient to S or Z.
+    """
+    if scale.numel() == 1:
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero.reshape(()).int(), qmin, qmax)
+    return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1), zero.reshape(-1).int(), 0, qmin, qmax)
+
+
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """quantize → dequantize in float32, differentiable (STE), cast back to x's dtype."""
-    return _FakeQuant.apply(x.float(), scale, zero, qmin, qmax).to(x.dtype)
+    """Per-tensor quantise → dequantise (activations) in float32, with the STE; cast back to x's dtype."""
+    if scale.numel() != 1:
+        raise ValueError("fake_quantize takes one scale and zero point; weights go through fake_quantize_weight.")
+    return _fake_rows(x.float(), scale, zero, qmin, qmax).to(x.dtype)
 
 
 # ---------------------------------------------------------------- NF4
@@ -191,24 +196,29 @@ def _ungroup(g: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
     return out.transpose(0, axis) if axis != 0 else out
 
 
+@torch.no_grad()
+def _group_qparams(g: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero), shape [rows, n_groups, 1], from each group's own min / max (abs max for nf4)."""
+    if scheme.format == "nf4":
+        absmax = g.abs().amax(-1, keepdim=True)
+        return torch.where(absmax > 0, absmax, torch.ones_like(absmax)), torch.zeros_like(absmax)
+    lo, hi = torch.aminmax(g, dim=-1, keepdim=True)
+    return qparams(lo, hi, scheme.bits, scheme.symmetric)
+
+
 def weight_qparams(w: torch.Tensor, scheme: QScheme, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) of shape [out or 1, n_groups, 1] from the weight's own min / max (abs max for nf4)."""
-    with torch.no_grad():
-        g = _grouped(w, scheme, axis)
-        if scheme.format == "nf4":
-            absmax = g.abs().amax(-1, keepdim=True)
-            return torch.where(absmax > 0, absmax, torch.ones_like(absmax)), torch.zeros_like(absmax)
-        return qparams(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), scheme.bits, scheme.symmetric)
+    """(scale, zero) of shape [out or 1, n_groups, 1] of a weight."""
+    return _group_qparams(_grouped(w.detach(), scheme, axis), scheme)
 
 
 def fake_quantize_weight(w: torch.Tensor, scheme: QScheme, axis: int = 0) -> torch.Tensor:
     """The weight as the forward pass of QAT (and every export) sees it; gradients by STE."""
-    scale, zero = weight_qparams(w, scheme, axis)
     g = _grouped(w, scheme, axis)
+    scale, zero = _group_qparams(g.detach(), scheme)
     if scheme.format == "nf4":
         out = _FakeNF4.apply(g, scale)
     else:
-        out = _FakeQuant.apply(g, scale, zero, scheme.qmin, scheme.qmax)
+        out = _fake_rows(g.reshape(-1, g.shape[-1]), scale, zero, scheme.qmin, scheme.qmax).reshape(g.shape)
     return _ungroup(out, w, axis).to(w.dtype)
 
 
@@ -222,7 +232,7 @@ def quantize_weight(w: torch.Tensor, scheme: QScheme, axis: int = 0) -> dict[str
     `dequantize_weight` of the result equals `fake_quantize_weight(w)` exactly.
     """
     g = _grouped(w, scheme, axis)
-    scale, zero = weight_qparams(w, scheme, axis)
+    scale, zero = _group_qparams(g, scheme)
     out_features = w.shape[axis]
     if scheme.format == "nf4":
         idx = _nf4_index(g / scale).to(torch.uint8)

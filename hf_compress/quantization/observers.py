@@ -19,6 +19,8 @@ from torch import nn
 from .numerics import qparams
 
 KINDS = ("minmax", "moving_average", "percentile")
+# "dynamic" needs no observer: each tensor is quantised with its own min / max (fake_quant.py)
+ACT_RANGES = KINDS + ("dynamic",)
 MAX_SAMPLES = 1 << 16  # percentile: a strided subsample keeps the quantile cheap on large batches
 
 
@@ -54,7 +56,7 @@ class Observer(nn.Module):
     def batch_range(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().float().reshape(-1)
         if self.kind != "percentile":
-            return torch.stack([x.min(), x.max()])
+            return torch.stack(torch.aminmax(x))
         if x.numel() > MAX_SAMPLES:
             x = x[:: -(-x.numel() // MAX_SAMPLES)]
         p = self.percentile / 100

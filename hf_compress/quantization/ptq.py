@@ -8,6 +8,8 @@
   the fake quantisation of its inputs with those fixed ranges (simulated static int8, to measure its
   accuracy); the export backends quantise activations at run time instead, so with an export the
   calibrated ranges are not used (a warning says so).
+* `observer="dynamic"` with `activation_bits=8`: each input is quantised with its own range, as the
+  torch-int8 kernels do; nothing to calibrate.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def quantize_model(model: nn.Module, config, calib_dataloader: Iterable | None =
     if export:
         get_backend(export).require()
     plan = build_plan(model, config)
-    static = bool(_get(config, "activation_bits"))
+    act_quant = bool(_get(config, "activation_bits"))
+    static = act_quant and _get(config, "observer", "moving_average") != "dynamic"
     if static and calib_dataloader is None:
         raise ValueError(
             "quantize_model: activation_bits is set (static PTQ) but no `calib_dataloader` was given: pass a "
@@ -87,5 +90,5 @@ def quantize_model(model: nn.Module, config, calib_dataloader: Iterable | None =
             warnings.warn(
                 f"export={export!r} quantises activations at run time: the calibrated static ranges are not used."
             )
-    finalize(model, plan, export, keep_input_quant=static)
+    finalize(model, plan, export, keep_input_quant=act_quant)
     return model

@@ -275,11 +275,12 @@ def _qat_model(scheme_kw, export_bits=8):
 
 
 BACKENDS = [
-    ("torch-int8", {"weight_bits": 8}, 3e-2),
-    ("torch-int8", {"weight_bits": 8, "symmetric": False, "per_channel": False}, 3e-2),
-    ("torch-int8", {"weight_bits": 4}, 3e-2),
+    # stated tolerances on the logits, relative; measured here: ~9e-4, ~9e-4, ~7e-4, ~5e-4, 0
+    ("torch-int8", {"weight_bits": 8}, 5e-3),  # the kernels quantise activations at run time
+    ("torch-int8", {"weight_bits": 8, "symmetric": False, "per_channel": False}, 5e-3),
+    ("torch-int8", {"weight_bits": 4}, 5e-3),
     ("bnb-int8", {"weight_bits": 8}, 2e-3),  # bitsandbytes' CPU inference casts inputs to fp16
-    ("bnb-nf4", {"weight_bits": 4, "weight_format": "nf4", "group_size": 64}, 1e-4),
+    ("bnb-nf4", {"weight_bits": 4, "weight_format": "nf4", "group_size": 64}, 1e-6),
 ]
 
 
@@ -301,7 +302,6 @@ def test_export_matches_fake_quant_and_reloads(export, kw, tol, tmp_path):
     assert not fake_quant_layers(model)
     with torch.no_grad():
         real = model(**x).logits
-    # int8 CPU kernels also quantise activations (per tensor, at run time): the tolerance says how much that costs
     assert _rel(real, fake) < tol, _rel(real, fake)
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -445,7 +445,7 @@ def test_ptq_export_torch_int8():
     x = _inputs()
     model.eval(), fq.eval()
     with torch.no_grad():
-        assert _rel(model(**x).logits, fq(**x).logits) < 3e-2
+        assert _rel(model(**x).logits, fq(**x).logits) < 5e-3
 
 
 # ---------------------------------------------------------------- bad input

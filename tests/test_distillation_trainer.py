@@ -432,3 +432,18 @@ def test_nan_loss_names_step_and_part(tmp_path):
     tr = _make(tmp_path, student, teacher)
     with pytest.raises(FloatingPointError, match=r"soft loss part is NaN/Inf at step 1"):
         tr.train()
+
+
+def test_bf16_teacher_follows_student_precision_and_kd_stays_float32(tmp_path):
+    teacher, student = _sharp(tiny_bert(layers=4, seed=1)), tiny_bert(layers=2, hidden=16, seed=2)
+    tr = DistillationTrainer(
+        model=student, teacher_model=teacher, args=_args(tmp_path, bf16=True, max_steps=2), train_dataset=TokenDataset(32),
+        distillation_config=DistillationConfig(temperature=20.0, hidden_loss_weight=1.0),
+    )
+    assert tr.teachers[0] is teacher and type(teacher).__name__ == "BertForSequenceClassification"  # no DDP wrapper
+    dtypes = []
+    teacher.bert.encoder.layer[0].attention.self.query.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype) and None)
+    tr.train()
+    assert dtypes and dtypes[0] == torch.bfloat16  # the teacher ran under the student's autocast
+    logs = [h for h in tr.state.log_history if "soft_loss" in h]
+    assert logs and all(torch.isfinite(torch.tensor([h["soft_loss"], h["hidden_loss"], h["loss"]])).all() for h in logs)

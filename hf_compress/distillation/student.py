@@ -11,7 +11,6 @@ import copy
 import re
 from typing import Sequence
 
-import torch
 from torch import nn
 
 from ..modules import find_blocks, unwrap

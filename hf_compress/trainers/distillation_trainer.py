@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -28,7 +28,6 @@ from .distillation_config import DistillationConfig
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "distillation"
-PARTS = ("hard", "soft", "hidden", "attention")
 
 
 def _base(model: nn.Module) -> nn.Module:

@@ -97,9 +97,7 @@ class QATCallback(TrainerCallback):
             self._activate(self.model, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.active:
-            return
-        if not self._observers:
+        if not (self.active and self._observers):
             return
         sync_observers(self._observers)
         for o in self._observers:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modules import out_axis
+from ..modules import is_linear, out_axis
 from .backends import get_backend
 from .fake_quant import (
     commit_observers,
@@ -31,7 +31,7 @@ from .fake_quant import (
 )
 from .numerics import QScheme, dequantize_weight, fake_quantize, fake_quantize_weight, qparams, quantize_weight
 from .observers import Observer
-from .plan import ActScheme, LayerPlan, build_plan, in_features
+from .plan import ActScheme, LayerPlan, build_plan
 
 FORMAT_VERSION = 1
 
@@ -76,7 +76,7 @@ def finalize(
     layers = {}
     for name, lp in plan.items():
         m = modules.get(name)
-        if m is None:
+        if m is None or not is_linear(m):  # removed (or replaced) by structured pruning
             continue
         axis = out_axis(m)
         width, out = m.weight.shape[1 - axis], m.weight.shape[axis]

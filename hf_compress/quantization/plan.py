@@ -7,6 +7,7 @@ package never imports the callbacks package, so QAT, PTQ and `rebuild_quantized`
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,44 +49,45 @@ class LayerPlan:
         return cls(QScheme(**d["weight"]), ActScheme(**d["act"]) if d.get("act") else None)
 
 
-def _get(config, name, default=None):
-    if isinstance(config, dict):
+def field_of(config, name, default=None):
+    """A QATConfig field of `config` (a QATConfig, any object with its fields, or a dict)."""
+    if isinstance(config, Mapping):
         return config.get(name, default)
     return getattr(config, name, default)
 
 
 def layer_bits(name: str, config) -> int:
     """Bits of one layer: the first `layer_bits` regex that matches its name, else `weight_bits`."""
-    for pattern, bits in (_get(config, "layer_bits") or {}).items():
+    for pattern, bits in (field_of(config, "layer_bits") or {}).items():
         if re.search(pattern, name):
             return int(bits)
-    return int(_get(config, "weight_bits", 8))
+    return int(field_of(config, "weight_bits", 8))
 
 
 def scheme_for_bits(bits: int, config) -> QScheme:
     """The weight scheme of a layer with `bits`: NF4 replaces the uniform 4-bit grid when asked."""
-    fmt = _get(config, "weight_format") or "int"
+    fmt = field_of(config, "weight_format") or "int"
     if fmt == "nf4" and bits == 4:
-        return QScheme(bits=4, symmetric=True, per_channel=True, group_size=_get(config, "group_size") or 64, format="nf4")
-    group = _get(config, "group_size") if bits <= 4 else None  # groups are for low-bit layers only
+        return QScheme(bits=4, symmetric=True, per_channel=True, group_size=field_of(config, "group_size") or 64, format="nf4")
+    group = field_of(config, "group_size") if bits <= 4 else None  # groups are for low-bit layers only
     return QScheme(
         bits=bits,
-        symmetric=bool(_get(config, "symmetric", True)),
-        per_channel=bool(_get(config, "per_channel", True)),
+        symmetric=bool(field_of(config, "symmetric", True)),
+        per_channel=bool(field_of(config, "per_channel", True)),
         group_size=group,
     )
 
 
 def act_scheme(config) -> ActScheme | None:
-    bits = _get(config, "activation_bits")
+    bits = field_of(config, "activation_bits")
     if not bits:
         return None
     return ActScheme(
         bits=int(bits),
-        symmetric=bool(_get(config, "activation_symmetric", False)),
-        observer=_get(config, "observer", "moving_average"),
-        percentile=float(_get(config, "percentile", 99.99)),
-        averaging=float(_get(config, "averaging", 0.01)),
+        symmetric=bool(field_of(config, "activation_symmetric", False)),
+        observer=field_of(config, "observer", "moving_average"),
+        percentile=float(field_of(config, "percentile", 99.99)),
+        averaging=float(field_of(config, "averaging", 0.01)),
     )
 
 
@@ -98,7 +100,7 @@ def build_plan(model: nn.Module, config) -> dict[str, LayerPlan]:
 
     Raises ValueError when nothing matches or a group size does not tile a layer's input width.
     """
-    chosen = select_modules(model, _get(config, "targets"), _get(config, "exclude"), field="targets")
+    chosen = select_modules(model, field_of(config, "targets"), field_of(config, "exclude"), field="targets")
     act = act_scheme(config)
     plan = {}
     for name, module in chosen.items():

@@ -22,11 +22,7 @@ from torch import nn
 
 from . import commit_observers, finalize, insert_fake_quant, remove_fake_quant, set_observing
 from .backends import get_backend
-from .plan import build_plan
-
-
-def _get(config, name, default=None):
-    return config.get(name, default) if isinstance(config, Mapping) else getattr(config, name, default)
+from .plan import build_plan, field_of
 
 
 def _run(model: nn.Module, batch, device) -> None:
@@ -68,12 +64,12 @@ def quantize_model(model: nn.Module, config, calib_dataloader: Iterable | None =
     "bnb-int8" or "bnb-nf4" (real low-bit layers). The scheme is recorded in
     ``config.hf_compress["quantization"]`` so `hf_compress.load_pretrained` rebuilds the model.
     """
-    export = _get(config, "export")
+    export = field_of(config, "export")
     if export:
         get_backend(export).require()
     plan = build_plan(model, config)
-    act_quant = bool(_get(config, "activation_bits"))
-    static = act_quant and _get(config, "observer", "moving_average") != "dynamic"
+    act_quant = bool(field_of(config, "activation_bits"))
+    static = act_quant and field_of(config, "observer", "moving_average") != "dynamic"
     if static and calib_dataloader is None:
         raise ValueError(
             "quantize_model: activation_bits is set (static PTQ) but no `calib_dataloader` was given: pass a "

@@ -38,7 +38,8 @@ def record(model: nn.Module, section: str, data: Any) -> None:
     setattr(config, META_KEY, meta or None)
 
 
-def _model_class(config, model_class):
+def model_class_for(config, model_class: type | None = None) -> type:
+    """The transformers class named by ``config.architectures`` (or `model_class` when given)."""
     if model_class is not None:
         return model_class
     import transformers
@@ -49,7 +50,7 @@ def _model_class(config, model_class):
             return cls
     raise ValueError(
         f"config.architectures={getattr(config, 'architectures', None)!r} names no transformers class: "
-        "pass `model_class=` to load_pretrained."
+        "pass `model_class=`, e.g. AutoModelForSequenceClassification."
     )
 
 
@@ -85,7 +86,7 @@ def load_pretrained(path: str | os.PathLike, model_class: type | None = None, **
 
     config = AutoConfig.from_pretrained(path, **config_kwargs)
     meta = get_metadata(config)
-    cls = _model_class(config, model_class)
+    cls = model_class_for(config, model_class)
     model = cls(config)
     if "pruning" in meta:
         from .pruning.structured import apply_structure

@@ -25,6 +25,7 @@ from ..modules import unwrap
 from ..pruning import Pruner, is_update_step, remove_pruned, sparsity_at
 from ..pruning.pruner import check_plain
 from ..serialization import get_metadata, record
+from ._logs import add_to_logs
 from .pruning_config import PruningConfig
 
 
@@ -127,10 +128,7 @@ class PruningCallback(TrainerCallback):
             extra[f"{self.name}/units_removed"] = self.pruner.units_removed()
         if "train_runtime" in logs:  # the end-of-training log: per module as well
             extra.update({f"{self.name}/sparsity/{k}": round(v, 6) for k, v in self.pruner.sparsity(per_module=True).items()})
-        logs.update(extra)
-        # the Trainer appended a copy of `logs` to the history just before calling us: keep it complete
-        if state.log_history and set(state.log_history[-1]) - {"step"} <= set(logs):
-            state.log_history[-1].update(extra)
+        add_to_logs(state, logs, extra)
 
     def on_save(self, args, state, control, **kwargs):
         if self.pruner is None:

@@ -36,6 +36,7 @@ from ..quantization import (
     set_observing,
 )
 from ..quantization.observers import sync_observers
+from ._logs import add_to_logs
 from .qat_config import QATConfig
 
 NAME = "qat"
@@ -135,10 +136,7 @@ class QATCallback(TrainerCallback):
         if logs is None or self.model is None:
             return
         extra = self.summary()
-        logs.update(extra)
-        # the Trainer appended a copy of `logs` to the history just before calling us: keep it complete
-        if state.log_history and set(state.log_history[-1]) - {"step"} <= set(logs):
-            state.log_history[-1].update(extra)
+        add_to_logs(state, logs, extra)
 
     def on_save(self, args, state, control, **kwargs):
         if self.model is None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..modules import select_modules, unwrap
+from ..serialization import model_class_for
 
 LOW_BIT = ("int8", "nf4")
 
@@ -54,7 +55,9 @@ def load_teacher(
     if low_bit is not None and low_bit not in LOW_BIT:
         raise ValueError(f"low_bit={low_bit!r}: choose one of {LOW_BIT} or None for full precision.")
     if model_class is None:
-        model_class = _class_from_config(name_or_path)
+        from transformers import AutoConfig
+
+        model_class = model_class_for(AutoConfig.from_pretrained(name_or_path))
     if low_bit is not None and torch.cuda.is_available():
         from transformers import BitsAndBytesConfig
 
@@ -100,18 +103,3 @@ def to_low_bit(model: nn.Module, low_bit: str = "int8") -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     return model
-
-
-def _class_from_config(name_or_path) -> type:
-    import transformers
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(name_or_path)
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    raise ValueError(
-        f"Cannot tell which model class {name_or_path} is (config.architectures={getattr(config, 'architectures', None)}): "
-        "pass model_class=, e.g. AutoModelForSequenceClassification."
-    )

@@ -74,11 +74,16 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 def data_dir() -> Path:
-    """The shared real data (``../shared/data`` from the project root), or $HF_COMPRESS_DATA."""
+    """The shared real data: $HF_COMPRESS_DATA, else ``../shared/data`` beside the project checkout
+    (or beside the working directory), else the workplace's ``/work/shared/data``."""
     env = os.environ.get("HF_COMPRESS_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    beside = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    for candidate in (beside, Path.cwd().parent / "shared" / "data", Path("/work/shared/data")):
+        if candidate.is_dir():
+            return candidate
+    return beside  # missing: error messages name the expected place
 
 
 def minilm_path() -> Path:

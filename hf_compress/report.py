@@ -39,6 +39,7 @@ class ReportConfig:
     seq_len: int = field(default=64, metadata={"help": "Sequence length of the latency inputs (fixed, no padding)."})
     repeats: int = field(default=10, metadata={"help": "Timed forwards per model and batch size; the median is kept."})
     warmup: int = field(default=3, metadata={"help": "Untimed forwards before timing."})
+    latency_device: str | None = field(default="cpu", metadata={"help": "Device the latency is measured on (models are moved there for it and back); null: where each model is."})
     eval_batch_size: int = field(default=64, metadata={"help": "Batch size of the metric evaluation."})
     disk_size: bool = field(default=True, metadata={"help": "Measure the size of save_pretrained's files."})
     plot: bool = field(default=True, metadata={"help": "Write report.png (needs matplotlib)."})
@@ -145,13 +146,24 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def measure_latency(
-    models: Mapping[str, nn.Module], batch_sizes=(1, 32), seq_len: int = 64, repeats: int = 10, warmup: int = 3, seed: int = 0
+    models: Mapping[str, nn.Module], batch_sizes=(1, 32), seq_len: int = 64, repeats: int = 10, warmup: int = 3,
+    seed: int = 0, device: str | torch.device | None = "cpu",
 ) -> dict[str, dict[str, float]]:
     """Median forward time in milliseconds, ``{name: {"b1": ms, "b32": ms}}``.
 
     The models are timed in turn inside each repeat (interleaved), so drifts of a shared machine hit all
-    of them alike and their ratios are meaningful. Inputs are random token ids, no padding.
+    of them alike and their ratios are meaningful. Inputs are random token ids, no padding. With
+    `device`, each model is moved there for the measurement and moved back afterwards.
     """
+    if device is not None:
+        home = {name: _device(m) for name, m in models.items()}
+        moved = {name: m.to(device) if home[name] != torch.device(device) else m for name, m in models.items()}
+        try:
+            return measure_latency(moved, batch_sizes, seq_len, repeats, warmup, seed, device=None)
+        finally:
+            for name, m in models.items():
+                if home[name] != torch.device(device):
+                    m.to(home[name])
     vocab = min(int(getattr(getattr(m, "config", None), "vocab_size", 100) or 100) for m in models.values())
     g = torch.Generator().manual_seed(seed)
     out: dict[str, dict[str, float]] = {name: {} for name in models}
@@ -262,10 +274,11 @@ def compression_report(
         }
         rows.append(row)
     if cfg.latency:
-        lat = measure_latency(models, cfg.batch_sizes, cfg.seq_len, cfg.repeats, cfg.warmup)
+        lat = measure_latency(models, cfg.batch_sizes, cfg.seq_len, cfg.repeats, cfg.warmup, device=cfg.latency_device)
         for row in rows:
             row["latency_ms"] = lat[row["name"]]
             row["latency_seq_len"] = cfg.seq_len
+            row["latency_device"] = str(cfg.latency_device or row["device"])
     _add_ratios(rows)
     return rows
 
@@ -410,7 +423,8 @@ def render_report(out_dir: str | Path, plot: bool = True) -> dict[str, Path]:
     )
     seq = next((r.get("latency_seq_len") for r in rows if r.get("latency_seq_len")), None)
     if seq:
-        md.append(f"Latency: median forward time of random inputs of {seq} tokens on {rows[0].get('device', 'cpu')}, after warm-up.")
+        where = rows[0].get("latency_device", rows[0].get("device", "cpu"))
+        md.append(f"Latency: median forward time of random inputs of {seq} tokens on {where}, after warm-up.")
     md.append("FLOPs/token: 2 × matmul weights (dense), in brackets 2 × their non-zeros (what sparse kernels could reach).")
     md += ["", markdown_table(rows), ""]
     settings = _settings_md(rows)
@@ -438,7 +452,9 @@ def plot_report(rows: list[dict], path: str | Path, title: str | None = None) ->
     lat_key = next((b for b in ("b1", "b32") if any(b in r.get("latency_ms", {}) for r in rows)), None)
     panels = [("disk_mb", "on-disk size (MB)")]
     if lat_key:
-        panels.append((lat_key, f"CPU latency, batch {lat_key[1:]} (ms)"))
+        dev = rows[0].get("latency_device") or "cpu"
+        where = "CPU" if dev == "cpu" else dev
+        panels.append((lat_key, f"{where} latency, batch {lat_key[1:]} (ms)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (xkey, xlabel) in zip(axes[0], panels):
         for r in rows:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_compress.pruning import apply_masks, is_update_step, sparsity_at
-from hf_compress.pruning.masks import nm_masks, spread, unit_masks, unit_sum, unstructured_masks
+from hf_compress.pruning.masks import kth_smallest, nm_masks, spread, unit_masks, unit_sum, unstructured_masks
 
 
 def test_cubic_schedule_values():
@@ -59,6 +59,33 @@ def test_unstructured_high_sparsity_path():
     s = torch.randn(1000)
     (m,) = unstructured_masks([s], 0.95, "global")  # k > n/2: selects the kept side
     assert int((~m).sum()) == 950 and s[~m].max() < s[m].min()
+
+
+@pytest.mark.parametrize("sparsity", [0.001, 0.5, 0.9, 0.999])
+def test_kth_smallest_matches_kthvalue_on_large_input(sparsity):
+    # > 65k entries: the sampled-bracket path, which must give torch.kthvalue's exact answer
+    g = torch.Generator().manual_seed(3)
+    scores = [torch.randn(300, 200, generator=g).abs(), torch.rand(50_000, generator=g), torch.randn(40, 999, generator=g)]
+    flat = torch.cat([s.flatten() for s in scores])
+    k = round(sparsity * flat.numel())
+    t, ties = kth_smallest(scores, k)
+    assert float(t) == float(torch.kthvalue(flat, k).values)
+    assert ties == k - int((flat < t).sum())
+
+
+def test_unstructured_ties_across_tensors_prune_exactly_k():
+    # already-pruned weights all score 0: the zeros of later tensors must be kept once k is reached
+    g = torch.Generator().manual_seed(4)
+    scores = [torch.rand(300, 400, generator=g) for _ in range(3)]
+    for s in scores:
+        s[s < 0.5] = 0
+    n = sum(s.numel() for s in scores)
+    for sparsity in (0.1, 0.3, 0.5, 0.8):
+        masks = unstructured_masks(scores, sparsity, "global")
+        assert sum(int((~m).sum()) for m in masks) == round(sparsity * n)
+        flat = torch.cat([s.flatten() for s in scores])
+        kept = torch.cat([m.flatten() for m in masks])
+        assert flat[~kept].max() <= flat[kept].min()
 
 
 def test_nm_masks_along_input_dim():

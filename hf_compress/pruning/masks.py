@@ -33,14 +33,58 @@ def _keep_highest(flat: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def kth_smallest(scores: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int]:
+    """(t, ties): the k-th smallest value t over all of `scores` (k >= 1) and how many entries equal to t
+    are among the k smallest. Exact, in a few linear passes: a strided sample brackets t, then only the
+    entries inside the bracket are ranked — a top-k/kthvalue over millions of scores costs several times
+    more on CPU. The sample decides the speed, never the answer."""
+    flats = [s.reshape(-1).float() for s in scores]
+    n = sum(f.numel() for f in flats)
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be in [1, {n}].")
+    t = None
+    if n > (1 << 16):
+        step = n >> 16  # a strided sample of ~65k entries
+        sample = torch.cat([f[step // 2 :: step] for f in flats])
+        q = (k - 0.5) / n
+        lo, hi = torch.quantile(sample, torch.tensor([max(0.0, q - 0.01), min(1.0, q + 0.01)], device=sample.device))
+        below = int(sum((f < lo).sum() for f in flats))
+        band = torch.cat([f[(f >= lo) & (f <= hi)] for f in flats])
+        if below < k <= below + band.numel():
+            t = torch.kthvalue(band, k - below).values
+    if t is None:  # small input, or the bracket missed (never seen; still exact)
+        t = torch.kthvalue(torch.cat(flats), k).values
+    ties = k - int(sum((f < t).sum() for f in flats))
+    return t, ties
+
+
+def _prune_lowest(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Keep-masks (bool) over `scores` with exactly their k lowest entries False; ties at the threshold go
+    in order (tensor by tensor, then index), so the result is deterministic."""
+    if k <= 0:
+        return [torch.ones_like(s, dtype=torch.bool) for s in scores]
+    t, ties = kth_smallest(scores, k)
+    masks = []
+    for s in scores:
+        if ties == 0:  # the tie budget is spent: every entry equal to t is kept
+            masks.append(s >= t)
+            continue
+        keep = s > t
+        eq = (s == t).reshape(-1)
+        cut = eq.cumsum(0) <= ties  # the first `ties` entries equal to t are pruned, the rest kept
+        keep.view(-1)[eq & ~cut] = True
+        ties -= min(ties, int(eq.sum()))
+        masks.append(keep)
+    return masks
+
+
+@torch.no_grad()
 def unstructured_masks(scores: list[torch.Tensor], sparsity: float, scope: str = "global") -> list[torch.Tensor]:
     if scope == "local":
-        return [_keep_highest(s.reshape(-1), round(sparsity * s.numel())).view_as(s) for s in scores]
+        return [_prune_lowest([s], round(sparsity * s.numel()))[0] for s in scores]
     if scope != "global":
         raise ValueError(f"`scope`={scope!r} must be 'global' or 'local'.")
-    flat = torch.cat([s.reshape(-1).float() for s in scores])
-    keep = _keep_highest(flat, round(sparsity * flat.numel()))
-    return [m.view_as(s) for m, s in zip(keep.split([s.numel() for s in scores]), scores)]
+    return _prune_lowest(scores, round(sparsity * sum(s.numel() for s in scores)))
 
 
 @torch.no_grad()

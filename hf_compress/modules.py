@@ -3,6 +3,10 @@
 One home for "which layers": pruning, QAT, PTQ, export, the CLI and the tests all call
 `select_modules`. By default the targets are the Linear layers inside the transformer blocks;
 embeddings, LayerNorm, poolers and the task head stay untouched.
+
+PEFT models are recognised by structure (no peft import): a LoRA-wrapped layer contributes its
+`base_layer` Linear (the frozen weight a mask belongs on), never its adapters (`lora_A`, `lora_B`, ...),
+and regexes also match the name the layer has in the plain model (what `merge_and_unload` returns).
 """
 
 from __future__ import annotations
@@ -63,19 +67,43 @@ def select_modules(
     """
     inc = _compile(targets) or [re.compile(BLOCK_PATTERN)]
     exc = _compile(exclude)
+    linear, peft = _linear_modules(model)
     chosen = {}
-    for name, module in model.named_modules():
-        if not is_linear(module) or not name:
-            continue
-        if any(p.search(name) for p in inc) and not any(p.search(name) for p in exc):
+    for name, module in linear.items():
+        names = (name, plain_name(name)) if peft else (name,)
+        if any(p.search(x) for p in inc for x in names) and not any(p.search(x) for p in exc for x in names):
             chosen[name] = module
     if require and not chosen:
-        some = [n for n, m in model.named_modules() if is_linear(m)][:5]
+        some = list(linear)[:5]
         raise ValueError(
             f"`{field}`={targets!r} (exclude={exclude!r}) matches no Linear module of "
             f"{type(model).__name__}. Linear modules look like {some}; pass a regex that matches some of them."
         )
     return chosen
+
+
+# a PEFT name -> the plain model's name: drop the wrapper prefix, the `.base_layer` of a tuner layer
+# and the `.modules_to_save.<adapter>` of a trainable copy
+_PEFT_PARTS = re.compile(r"^base_model\.model\.|\.base_layer(?=\.|$)|\.modules_to_save\.[^.]+(?=\.|$)")
+
+
+def plain_name(name: str) -> str:
+    """The name a module of a PEFT model has in the plain model (after `merge_and_unload`)."""
+    return _PEFT_PARTS.sub("", name)
+
+
+def _linear_modules(model: nn.Module) -> tuple[dict[str, nn.Module], bool]:
+    """Every named Linear of `model` except those PEFT owns: the adapters of a tuner layer (every child
+    but `base_layer`) and the frozen `original_module` a modules_to_save copy replaces. Also: is it PEFT?"""
+    skip = set()
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "base_layer", None), nn.Module):  # peft BaseTunerLayer
+            skip.update(f"{name}.{c}" for c, _ in module.named_children() if c != "base_layer")
+        elif isinstance(getattr(module, "modules_to_save", None), nn.ModuleDict):  # peft ModulesToSaveWrapper
+            skip.add(f"{name}.original_module")
+    below = tuple(x + "." for x in skip)
+    linear = {n: m for n, m in model.named_modules() if n and is_linear(m) and n not in skip and not n.startswith(below)}
+    return linear, bool(skip)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

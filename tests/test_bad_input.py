@@ -104,6 +104,8 @@ CASES = {
     "prune-architecture": (lambda t: with_callback(t, PruningCallback(PruningConfig(granularity="heads")),
                                                    model=_t5()),
                            ValueError, r"not supported|unsupported|support"),
+    "prune-frozen": (lambda t: with_callback(t, PruningCallback(PruningConfig(method="taylor", start_step=1)), model=_lora()),
+                     ValueError, r"method='taylor'.*frozen.*method='magnitude'"),
     "qat-bits": (lambda t: QATConfig(weight_bits=16), ValueError, r"weight_bits"),
     "qat-export": (lambda t: QATConfig(export="onnx"), ValueError, r"export"),
     "qat-observer": (lambda t: QATConfig(activation_bits=8, observer="histogram"), ValueError, r"observer"),
@@ -121,6 +123,12 @@ CASES = {
 def _resized(model, vocab):
     model.resize_token_embeddings(vocab)
     return model
+
+
+def _lora():
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
 
 
 def _t5():

@@ -16,12 +16,20 @@ METHODS = ("magnitude", "movement", "taylor")
 NEEDS_GRADS = ("movement", "taylor")
 
 
-def init_scores(weights: list[torch.Tensor], method: str) -> list[torch.Tensor]:
+def init_scores(weights: list[torch.Tensor], method: str, names: list[str] | None = None) -> list[torch.Tensor]:
     """Zeroed accumulators (none for magnitude, which needs no history)."""
     if method not in METHODS:
         raise ValueError(f"`method`={method!r} is not one of {METHODS}.")
     if method not in NEEDS_GRADS:
         return []
+    frozen = [i for i, w in enumerate(weights) if not w.requires_grad]
+    if frozen:  # a frozen weight never gets a gradient: its score would stay 0 and it would be pruned first
+        which = f" (e.g. {[names[i] for i in frozen[:3]]})" if names else ""
+        raise ValueError(
+            f"PruningConfig.method={method!r} scores weights by their gradients, but {len(frozen)} of the "
+            f"{len(weights)} targeted weights are frozen (requires_grad=False){which}, as the base weights of a "
+            "PEFT/LoRA model are: use method='magnitude', or leave them out with `exclude`, or unfreeze them."
+        )
     return [torch.zeros_like(w, dtype=torch.float32) for w in weights]
 
 

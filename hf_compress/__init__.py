@@ -16,6 +16,7 @@ _EXPORTS = {
     "QATConfig": "hf_compress.callbacks.qat_config",
     "quantize_model": "hf_compress.quantization.ptq",
     "load_pretrained": "hf_compress.serialization",
+    "merge_lora": "hf_compress.pruning.lora",
     "select_modules": "hf_compress.modules",
     "compression_report": "hf_compress.report",
 }

@@ -7,8 +7,8 @@ distilling from the dense model ("KD"). Retention = accuracy / accuracy of the d
 Runs: unstructured magnitude pruning to 50 / 80 / 90% (without and with KD), 2:4 (with KD), and
 50% of the attention heads + 50% of the FFN neurons removed (Taylor scores, with KD) — physically
 removed at the end, so CPU latency (batch 1 and 32) is measured against the dense model. Callback
-overhead: time spent inside the callback per step vs the step time of the same run without it, plus
-the plain A/B step times.
+overhead: time spent inside the callback's per-step events vs the rest of the same run's step (what the
+step costs without it), plus the A/B step-time ratio against the dense run (noisier: separate runs).
 
     python bench/bench_pruning.py            # full protocol (~40 min on 2 CPU cores)
     python bench/bench_pruning.py --quick    # proves it runs; numbers meaningless
@@ -120,7 +120,9 @@ def main(argv=None):
     overhead = {
         r["run"]: {
             "callback_ms_per_step": r["callback_ms_per_step"],
-            "callback_pct_of_dense_step": 100 * r["callback_ms_per_step"] / (1e3 * plain["step_s"]),
+            # the callback's own time against the rest of the same run's step: robust to the machine's
+            # load, which moves the A/B ratio below by more than the overhead itself
+            "callback_pct_of_step": 100 * r["callback_ms_per_step"] / (1e3 * r["step_s"] - r["callback_ms_per_step"]),
             "step_time_ratio_vs_dense": r["step_s"] / plain["step_s"],
         }
         for r in rows if not r["kd"] and r is not plain
@@ -130,13 +132,13 @@ def main(argv=None):
         "unstructured 90% +KD retention >= 0.98": goal(u90kd["retention"] >= 0.98),
         "50% heads + 50% neurons retention >= 0.97": goal(row["retention"] >= 0.97),
         "50% heads + 50% neurons CPU speed-up >= 1.7x (batch 1 and 32)": goal(min(row["speedup_b1"], row["speedup_b32"]) >= 1.7),
-        "callback overhead <= 3% of step time": goal(max(o["callback_pct_of_dense_step"] for o in overhead.values()) <= 3.0),
+        "callback overhead <= 3% of step time": goal(max(o["callback_pct_of_step"] for o in overhead.values()) <= 3.0),
     }
     cols = ["run", "accuracy", "retention", "sparsity", "params_M", "step_s", "callback_ms_per_step"]
     print(table(rows, cols))
     print(f"\nheads+neurons: speed-up batch 1 {row['speedup_b1']:.2f}x, batch 32 {row['speedup_b32']:.2f}x; "
           f"structure {row['structure']}")
-    print("callback overhead:", {k: round(v["callback_pct_of_dense_step"], 2) for k, v in overhead.items()}, "% of a dense step")
+    print("callback overhead:", {k: round(v["callback_pct_of_step"], 2) for k, v in overhead.items()}, "% of the step without it")
     for k, v in goals.items():
         print(f"  goal {k}: {v}")
     write("pruning", {

@@ -196,7 +196,8 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write(name: str, payload: dict, out: str | None = None) -> Path:
-    path = Path(out) if out else RESULTS / f"{name}.json"
+    # --quick numbers never overwrite the real results
+    path = Path(out) if out else RESULTS / ("quick" if payload.get("quick") else "") / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": name,

@@ -106,6 +106,8 @@ CASES = {
                            ValueError, r"not supported|unsupported|support"),
     "prune-frozen": (lambda t: with_callback(t, PruningCallback(PruningConfig(method="taylor", start_step=1)), model=_lora()),
                      ValueError, r"method='taylor'.*frozen.*method='magnitude'"),
+    "prune-structured-peft": (lambda t: with_callback(t, PruningCallback(PruningConfig(granularity="heads", target_sparsity=0.5)),
+                                                      model=_lora()), ValueError, r"granularity.*PEFT.*merge_and_unload"),
     "qat-bits": (lambda t: QATConfig(weight_bits=16), ValueError, r"weight_bits"),
     "qat-export": (lambda t: QATConfig(export="onnx"), ValueError, r"export"),
     "qat-observer": (lambda t: QATConfig(activation_bits=8, observer="histogram"), ValueError, r"observer"),

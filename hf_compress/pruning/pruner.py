@@ -49,6 +49,12 @@ class Pruner:
         selected = select_modules(self.model, targets, exclude)
         check_plain(selected)
         self.groups = []
+        if granularity in STRUCTURED and any(".base_layer" in x for x in selected):
+            raise ValueError(
+                f"`granularity`={granularity!r} on a PEFT model is not supported: removing units would have to "
+                "shrink the adapters too. Prune the plain model (before get_peft_model, or after merge_and_unload), "
+                "or use granularity='unstructured' / 'n:m' with method='magnitude'."
+            )
         if granularity in STRUCTURED:
             self.groups = [g for g in unit_groups(self.model, granularity) if all(p in selected for p, _ in g.parts)]
             if not self.groups:
@@ -73,7 +79,7 @@ class Pruner:
         self.masks = [torch.ones_like(w) for w in self.weights]
         self.active = False  # nothing pruned yet: the per-step multiplies are skipped
         self.units = [torch.ones(g.n_units, dtype=torch.bool, device=self.weights[0].device) for g in self.groups]
-        self.scores = S.init_scores(self.weights, method)
+        self.scores = S.init_scores(self.weights, method, self.names)
 
     # ------------------------------------------------------------------ checks
     def bound(self) -> int | None:

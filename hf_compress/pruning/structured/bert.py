@@ -8,17 +8,13 @@ from __future__ import annotations
 from torch import nn
 
 from ...modules import find_blocks
-from .common import UnitGroup, check_units, linears, replace_blocks, shrink, uniform_or_max, unit_index
+from .common import drop_layers, first_block, kept_units, shrink, uniform_or_max, unit_groups
 
 NAME = "bert"
 
 
 def matches(model: nn.Module) -> bool:
-    try:
-        _, blocks = find_blocks(model)
-    except ValueError:
-        return False
-    b = blocks[0]
+    b = first_block(model)
     att = getattr(getattr(b, "attention", None), "self", None)
     return all(hasattr(att, a) for a in ("query", "key", "value", "attention_head_size")) and hasattr(
         getattr(b, "intermediate", None), "dense"
@@ -30,32 +26,21 @@ def num_heads(block: nn.Module) -> int:
     return att.query.out_features // att.attention_head_size
 
 
-def groups(model: nn.Module, kind: str) -> list[UnitGroup]:
-    prefix, blocks = find_blocks(model)
-    out = []
-    for i, b in enumerate(blocks):
-        p = f"{prefix}.{i}"
-        if kind == "heads":
-            a = f"{p}.attention.self"
-            parts = [(f"{a}.query", 0), (f"{a}.key", 0), (f"{a}.value", 0), (f"{p}.attention.output.dense", 1)]
-            out.append(UnitGroup(kind, i, num_heads(b), parts))
-        elif kind == "neurons":
-            parts = [(f"{p}.intermediate.dense", 0), (f"{p}.output.dense", 1)]
-            out.append(UnitGroup(kind, i, b.intermediate.dense.out_features, parts))
-        elif kind == "layers":
-            out.append(UnitGroup(kind, i, 1, [(n, 0) for n in linears(b, p)]))
-        else:
-            raise ValueError(f"Unknown unit kind {kind!r}.")
-    return out
+def _parts(b: nn.Module, p: str, kind: str):
+    if kind == "heads":
+        a = f"{p}.attention.self"
+        return num_heads(b), [(f"{a}.query", 0), (f"{a}.key", 0), (f"{a}.value", 0), (f"{p}.attention.output.dense", 1)]
+    return b.intermediate.dense.out_features, [(f"{p}.intermediate.dense", 0), (f"{p}.output.dense", 1)]
+
+
+def groups(model: nn.Module, kind: str):
+    return unit_groups(model, kind, _parts)
 
 
 def remove_heads(model: nn.Module, layer: int, heads) -> None:
     b = find_blocks(model)[1][layer]
     att = b.attention.self
-    n = num_heads(b)
-    drop = check_units(heads, n, "heads", f"layer {layer}")
-    keep = [h for h in range(n) if h not in drop]
-    idx = unit_index(keep, att.attention_head_size)
+    keep, idx = kept_units(heads, num_heads(b), "heads", f"layer {layer}", att.attention_head_size)
     for lin in (att.query, att.key, att.value):
         shrink(lin, idx, "out")
     shrink(b.attention.output.dense, idx, "in")
@@ -65,23 +50,19 @@ def remove_heads(model: nn.Module, layer: int, heads) -> None:
 
 def remove_neurons(model: nn.Module, layer: int, neurons) -> None:
     b = find_blocks(model)[1][layer]
-    n = b.intermediate.dense.out_features
-    drop = check_units(neurons, n, "FFN neurons", f"layer {layer}")
-    idx = unit_index([u for u in range(n) if u not in drop], 1)
+    _, idx = kept_units(neurons, b.intermediate.dense.out_features, "FFN neurons", f"layer {layer}", 1)
     shrink(b.intermediate.dense, idx, "out")
     shrink(b.output.dense, idx, "in")
 
 
+def _relabel(b: nn.Module, i: int) -> None:  # cache slots are indexed by layer_idx
+    for att in (b.attention.self, getattr(getattr(b, "crossattention", None), "self", None)):
+        if att is not None and hasattr(att, "layer_idx"):
+            att.layer_idx = i
+
+
 def remove_layers(model: nn.Module, layers) -> None:
-    prefix, blocks = find_blocks(model)
-    drop = check_units(layers, len(blocks), "layers", "the model")
-    keep = [b for i, b in enumerate(blocks) if i not in drop]
-    replace_blocks(model, prefix, keep)
-    for i, b in enumerate(keep):  # cache slots are indexed by layer_idx
-        for att in (b.attention.self, getattr(getattr(b, "crossattention", None), "self", None)):
-            if att is not None and hasattr(att, "layer_idx"):
-                att.layer_idx = i
-    model.config.num_hidden_layers = len(keep)
+    drop_layers(model, layers, _relabel)
 
 
 def structure(model: nn.Module) -> dict:

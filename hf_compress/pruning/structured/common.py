@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ...modules import is_linear, out_axis
+from ...modules import find_blocks, is_linear, out_axis
 
 
 @dataclass
@@ -20,6 +20,50 @@ class UnitGroup:
     n_units: int
     parts: list[tuple[str, int]] = field(default_factory=list)  # (module name, weight dim)
     segments: dict[str, int] = field(default_factory=dict)  # module name -> runs packed in that dim (GPT-2 q|k|v)
+
+
+def first_block(model: nn.Module) -> nn.Module | None:
+    """The first transformer block, or None when the model has no block list (for `matches`)."""
+    try:
+        return find_blocks(model)[1][0]
+    except ValueError:
+        return None
+
+
+def unit_groups(model: nn.Module, kind: str, parts_of) -> list[UnitGroup]:
+    """One UnitGroup per block: `parts_of(block, prefix, kind)` gives (n_units, parts[, segments]) for heads
+    and neurons; a layer unit owns every Linear of its block."""
+    if kind not in ("heads", "neurons", "layers"):
+        raise ValueError(f"Unknown unit kind {kind!r}.")
+    prefix, blocks = find_blocks(model)
+    out = []
+    for i, b in enumerate(blocks):
+        p = f"{prefix}.{i}"
+        if kind == "layers":
+            out.append(UnitGroup(kind, i, 1, [(n, out_axis(m)) for n, m in _named_linears(b, p)]))
+        else:
+            out.append(UnitGroup(kind, i, *parts_of(b, p, kind)))
+    return out
+
+
+def kept_units(units, n: int, what: str, where: str, size: int) -> tuple[list[int], torch.Tensor]:
+    """(kept unit numbers, element indices of the kept units, each `size` wide) after removing `units`."""
+    drop = check_units(units, n, what, where)
+    keep = [u for u in range(n) if u not in drop]
+    return keep, unit_index(keep, size)
+
+
+def drop_layers(model: nn.Module, layers, relabel) -> list[int]:
+    """Delete blocks `layers`; `relabel(block, new_index)` renumbers what indexes the KV cache. Returns
+    the dropped indices."""
+    prefix, blocks = find_blocks(model)
+    drop = check_units(layers, len(blocks), "layers", "the model")
+    keep = [b for i, b in enumerate(blocks) if i not in drop]
+    replace_blocks(model, prefix, keep)
+    for i, b in enumerate(keep):
+        relabel(b, i)
+    model.config.num_hidden_layers = len(keep)
+    return drop
 
 
 def unit_index(keep: list[int], size: int) -> torch.Tensor:
@@ -62,8 +106,8 @@ def shrink(linear: nn.Module, index: torch.Tensor, side: str) -> None:
         linear.nx, linear.nf = linear.weight.shape
 
 
-def linears(block: nn.Module, prefix: str) -> list[str]:
-    return [f"{prefix}.{n}" for n, m in block.named_modules() if n and is_linear(m)]
+def _named_linears(block: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    return [(f"{prefix}.{n}", m) for n, m in block.named_modules() if n and is_linear(m)]
 
 
 # --- skipping whole layers while training; they are deleted by remove_pruned -----------------------

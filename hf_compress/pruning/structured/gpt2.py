@@ -10,17 +10,13 @@ import torch
 from torch import nn
 
 from ...modules import find_blocks
-from .common import UnitGroup, check_units, linears, replace_blocks, shrink, uniform_or_max, unit_index
+from .common import drop_layers, first_block, kept_units, shrink, uniform_or_max, unit_groups
 
 NAME = "gpt2"
 
 
 def matches(model: nn.Module) -> bool:
-    try:
-        _, blocks = find_blocks(model)
-    except ValueError:
-        return False
-    b = blocks[0]
+    b = first_block(model)
     att, mlp = getattr(b, "attn", None), getattr(b, "mlp", None)
     return all(hasattr(att, a) for a in ("c_attn", "c_proj", "split_size", "head_dim")) and all(
         hasattr(mlp, a) for a in ("c_fc", "c_proj")
@@ -31,30 +27,22 @@ def num_heads(block: nn.Module) -> int:
     return block.attn.split_size // block.attn.head_dim
 
 
-def groups(model: nn.Module, kind: str) -> list[UnitGroup]:
-    prefix, blocks = find_blocks(model)
-    out = []
-    for i, b in enumerate(blocks):
-        p = f"{prefix}.{i}"
-        if kind == "heads":
-            qkv = f"{p}.attn.c_attn"
-            out.append(UnitGroup(kind, i, num_heads(b), [(qkv, 1), (f"{p}.attn.c_proj", 0)], {qkv: 3}))
-        elif kind == "neurons":
-            out.append(UnitGroup(kind, i, b.mlp.c_fc.nf, [(f"{p}.mlp.c_fc", 1), (f"{p}.mlp.c_proj", 0)]))
-        elif kind == "layers":
-            out.append(UnitGroup(kind, i, 1, [(n, 1) for n in linears(b, p)]))
-        else:
-            raise ValueError(f"Unknown unit kind {kind!r}.")
-    return out
+def _parts(b: nn.Module, p: str, kind: str):
+    if kind == "heads":
+        qkv = f"{p}.attn.c_attn"
+        return num_heads(b), [(qkv, 1), (f"{p}.attn.c_proj", 0)], {qkv: 3}
+    return b.mlp.c_fc.nf, [(f"{p}.mlp.c_fc", 1), (f"{p}.mlp.c_proj", 0)]
+
+
+def groups(model: nn.Module, kind: str):
+    return unit_groups(model, kind, _parts)
 
 
 def remove_heads(model: nn.Module, layer: int, heads) -> None:
     b = find_blocks(model)[1][layer]
     att = b.attn
-    n, d, split = num_heads(b), att.head_dim, att.split_size
-    drop = check_units(heads, n, "heads", f"layer {layer}")
-    keep = [h for h in range(n) if h not in drop]
-    idx = unit_index(keep, d)
+    d, split = att.head_dim, att.split_size
+    keep, idx = kept_units(heads, num_heads(b), "heads", f"layer {layer}", d)
     shrink(att.c_attn, torch.cat([idx, idx + split, idx + 2 * split]), "out")
     shrink(att.c_proj, idx, "in")
     att.split_size = len(keep) * d
@@ -63,9 +51,7 @@ def remove_heads(model: nn.Module, layer: int, heads) -> None:
 
 def remove_neurons(model: nn.Module, layer: int, neurons) -> None:
     mlp = find_blocks(model)[1][layer].mlp
-    n = mlp.c_fc.nf
-    drop = check_units(neurons, n, "FFN neurons", f"layer {layer}")
-    idx = unit_index([u for u in range(n) if u not in drop], 1)
+    _, idx = kept_units(neurons, mlp.c_fc.nf, "FFN neurons", f"layer {layer}", 1)
     shrink(mlp.c_fc, idx, "out")
     shrink(mlp.c_proj, idx, "in")
 
@@ -76,13 +62,7 @@ def remove_layers(model: nn.Module, layers) -> None:
             "This GPT-2 scales attention by 1/(layer index + 1) (scale_attn_by_inverse_layer_idx=True): removing "
             "layers would change the scaling of the layers after them. Prune heads or neurons instead."
         )
-    prefix, blocks = find_blocks(model)
-    drop = check_units(layers, len(blocks), "layers", "the model")
-    keep = [b for i, b in enumerate(blocks) if i not in drop]
-    replace_blocks(model, prefix, keep)
-    for i, b in enumerate(keep):  # cache slots are indexed by layer_idx
-        b.attn.layer_idx = i
-    model.config.num_hidden_layers = len(keep)
+    drop_layers(model, layers, lambda b, i: setattr(b.attn, "layer_idx", i))  # cache slots follow layer_idx
 
 
 def structure(model: nn.Module) -> dict:

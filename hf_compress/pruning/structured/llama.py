@@ -11,17 +11,13 @@ from __future__ import annotations
 from torch import nn
 
 from ...modules import find_blocks
-from .common import UnitGroup, check_units, linears, replace_blocks, shrink, uniform_or_max, unit_index
+from .common import drop_layers, first_block, kept_units, shrink, uniform_or_max, unit_groups, unit_index
 
 NAME = "llama"
 
 
 def matches(model: nn.Module) -> bool:
-    try:
-        _, blocks = find_blocks(model)
-    except ValueError:
-        return False
-    b = blocks[0]
+    b = first_block(model)
     att, mlp = getattr(b, "self_attn", None), getattr(b, "mlp", None)
     return all(hasattr(att, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "num_key_value_groups")) and all(
         hasattr(mlp, a) for a in ("up_proj", "down_proj")
@@ -32,34 +28,25 @@ def num_kv_heads(block: nn.Module) -> int:
     return block.self_attn.k_proj.out_features // block.self_attn.head_dim
 
 
-def groups(model: nn.Module, kind: str) -> list[UnitGroup]:
-    prefix, blocks = find_blocks(model)
-    out = []
-    for i, b in enumerate(blocks):
-        p = f"{prefix}.{i}"
-        if kind == "heads":
-            a = f"{p}.self_attn"
-            parts = [(f"{a}.q_proj", 0), (f"{a}.k_proj", 0), (f"{a}.v_proj", 0), (f"{a}.o_proj", 1)]
-            out.append(UnitGroup(kind, i, num_kv_heads(b), parts))
-        elif kind == "neurons":
-            names = [n for n in ("gate_proj", "up_proj") if hasattr(b.mlp, n)]
-            parts = [(f"{p}.mlp.{n}", 0) for n in names] + [(f"{p}.mlp.down_proj", 1)]
-            out.append(UnitGroup(kind, i, b.mlp.up_proj.out_features, parts))
-        elif kind == "layers":
-            out.append(UnitGroup(kind, i, 1, [(n, 0) for n in linears(b, p)]))
-        else:
-            raise ValueError(f"Unknown unit kind {kind!r}.")
-    return out
+def _parts(b: nn.Module, p: str, kind: str):
+    if kind == "heads":
+        a = f"{p}.self_attn"
+        return num_kv_heads(b), [(f"{a}.q_proj", 0), (f"{a}.k_proj", 0), (f"{a}.v_proj", 0), (f"{a}.o_proj", 1)]
+    names = [n for n in ("gate_proj", "up_proj") if hasattr(b.mlp, n)]
+    return b.mlp.up_proj.out_features, [(f"{p}.mlp.{n}", 0) for n in names] + [(f"{p}.mlp.down_proj", 1)]
+
+
+def groups(model: nn.Module, kind: str):
+    return unit_groups(model, kind, _parts)
 
 
 def remove_heads(model: nn.Module, layer: int, heads) -> None:
     """Remove key/value heads `heads` of `layer` and the query heads grouped with them."""
     b = find_blocks(model)[1][layer]
     att = b.self_attn
-    n, d, g = num_kv_heads(b), att.head_dim, att.num_key_value_groups
-    drop = check_units(heads, n, "key/value heads", f"layer {layer}")
-    keep = [h for h in range(n) if h not in drop]
-    q_idx, kv_idx = unit_index(keep, g * d), unit_index(keep, d)
+    d, g = att.head_dim, att.num_key_value_groups
+    keep, kv_idx = kept_units(heads, num_kv_heads(b), "key/value heads", f"layer {layer}", d)
+    q_idx = unit_index(keep, g * d)
     shrink(att.q_proj, q_idx, "out")
     shrink(att.k_proj, kv_idx, "out")
     shrink(att.v_proj, kv_idx, "out")
@@ -71,9 +58,7 @@ def remove_heads(model: nn.Module, layer: int, heads) -> None:
 
 def remove_neurons(model: nn.Module, layer: int, neurons) -> None:
     mlp = find_blocks(model)[1][layer].mlp
-    n = mlp.up_proj.out_features
-    drop = check_units(neurons, n, "FFN neurons", f"layer {layer}")
-    idx = unit_index([u for u in range(n) if u not in drop], 1)
+    _, idx = kept_units(neurons, mlp.up_proj.out_features, "FFN neurons", f"layer {layer}", 1)
     for name in ("gate_proj", "up_proj"):
         if hasattr(mlp, name):
             shrink(getattr(mlp, name), idx, "out")
@@ -82,19 +67,18 @@ def remove_neurons(model: nn.Module, layer: int, neurons) -> None:
         mlp.intermediate_size = len(idx)
 
 
+def _relabel(b: nn.Module, i: int) -> None:  # cache slots are indexed by layer_idx
+    b.self_attn.layer_idx = i
+    if hasattr(b, "layer_idx"):
+        b.layer_idx = i
+
+
 def remove_layers(model: nn.Module, layers) -> None:
-    prefix, blocks = find_blocks(model)
-    drop = check_units(layers, len(blocks), "layers", "the model")
-    keep = [b for i, b in enumerate(blocks) if i not in drop]
-    replace_blocks(model, prefix, keep)
-    for i, b in enumerate(keep):  # cache slots are indexed by layer_idx
-        b.self_attn.layer_idx = i
-        if hasattr(b, "layer_idx"):
-            b.layer_idx = i
+    n = len(find_blocks(model)[1])
+    drop = drop_layers(model, layers, _relabel)
     cfg = model.config
-    if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == len(blocks):
+    if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == n:
         cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i not in drop]
-    cfg.num_hidden_layers = len(keep)
 
 
 def structure(model: nn.Module) -> dict:

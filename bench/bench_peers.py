@@ -58,10 +58,20 @@ def _first_error(text: str) -> str:
     return (lines[-1] if lines else "no output")[:300]
 
 
+REUSE = False  # --reuse: take a side's JSON from an earlier run of the same (unchanged) script
+
+
 def run_script(name: str, python: str, script: Path, args: list[str], out: Path, timeout_min: float) -> dict:
     """Run one side's script; returns {status, minutes, load, data | note}."""
     log = WORK / f"{name}.log"
     WORK.mkdir(parents=True, exist_ok=True)
+    if REUSE and out.exists() and out.stat().st_mtime > script.stat().st_mtime:
+        data = json.loads(out.read_text())
+        if data.get("quick") == ("--quick" in args):
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(out.stat().st_mtime))
+            print(f"[peers] {name}: reusing {out} (written {when})", flush=True)
+            return {"status": "ok", "minutes": None, "data": data, "log": str(log),
+                    "note": f"reused the JSON of an earlier run of the unchanged script, written {when}"}
     if not Path(python).exists():
         return {"status": "skipped", "note": f"no venv python at {python} (run: bash bench/peers/setup.sh)", "minutes": 0.0}
     failed = Path(python).parent.parent.with_name(Path(python).parent.parent.name + ".FAILED")
@@ -127,8 +137,15 @@ def main(argv=None) -> int:
     p.add_argument("--qat-steps", type=int, default=60, help="QAT steps (default 60: the steps of bench/results/qat.json)")
     p.add_argument("--venvs", default=DEFAULT_VENVS, help="folder holding the peer venvs (trl, torchao, modelopt)")
     p.add_argument("--timeout", type=float, default=25, help="minutes per script before it is stopped")
+    p.add_argument("--modelopt-steps", type=int, default=None, help="QAT steps of the ModelOpt run (default: --qat-steps)")
+    p.add_argument("--modelopt-configs", nargs="*", default=None, help="ModelOpt configs to run: int8 int4g64 (default both)")
+    p.add_argument("--extra", action="store_true", help="extra peer rows (TRL GKD with its default beta=0.5)")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse a side's result JSON (bench/.cache/peers/results) when it is newer than its script")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    global REUSE
+    REUSE = a.reuse
     works = a.only or ["kd", "torchao", "modelopt"]
     q = ["--quick"] if a.quick else []
     tag = "quick-" if a.quick else ""
@@ -144,7 +161,7 @@ def main(argv=None) -> int:
         res = run_script("ours_kd", sys.executable, PEERS / "ours_kd.py", q + steps, WORK / f"{tag}ours_kd.json", a.timeout)
         log_run("kd", "ours", "bench/peers/ours_kd.py", res)
         kd += kd_rows(res, "ours")
-        res = run_script("trl_gkd", venv_python(a.venvs, "trl"), PEERS / "trl_gkd.py", q + steps, WORK / f"{tag}trl_gkd.json", a.timeout)
+        res = run_script("trl_gkd", venv_python(a.venvs, "trl"), PEERS / "trl_gkd.py", q + steps + (["--extra"] if a.extra else []), WORK / f"{tag}trl_gkd.json", a.timeout)
         log_run("kd", "trl", "bench/peers/trl_gkd.py", res)
         if res["status"] == "ok":
             kd += kd_rows(res, "trl")
@@ -191,7 +208,9 @@ def main(argv=None) -> int:
             qat.append({"side": "torchao", "run": "torchao QAT", "note": res.get("note")})
 
     if "modelopt" in works:
-        args = q + ["--steps", str(a.qat_steps)]
+        args = q + ["--steps", str(a.modelopt_steps or a.qat_steps)]
+        if a.modelopt_configs:
+            args += ["--configs", *a.modelopt_configs]
         res = run_script("modelopt_qat", venv_python(a.venvs, "modelopt"), PEERS / "modelopt_qat.py", args, WORK / f"{tag}modelopt.json", a.timeout)
         log_run("qat", "modelopt", "bench/peers/modelopt_qat.py", res)
         if res["status"] == "ok":

@@ -138,6 +138,7 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a few steps and blocks: proves the script runs")
     p.add_argument("--steps", type=int, default=None, help="student steps (default: the recipe's 400)")
     p.add_argument("--out", default=None, help="JSON file for this side's rows")
+    p.add_argument("--extra", action="store_true", help="also the extra rows (TRL: GKD with its default beta=0.5)")
     return p.parse_args(argv)
 
 

@@ -62,7 +62,12 @@ def first_line(e: BaseException) -> str:
 
 
 def main(argv=None):
-    a = parse_args("NVIDIA ModelOpt PTQ + QAT (QATTrainer) on MiniLM + SST-2, CPU", argv)
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--configs", nargs="*", default=None, help="some of: int8, int4g64 (default both)")
+    known, rest = pre.parse_known_args(argv)
+    a = parse_args("NVIDIA ModelOpt PTQ + QAT (QATTrainer) on MiniLM + SST-2, CPU", rest)
     import modelopt
     import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.plugins.transformers_trainer import QATTrainer
@@ -86,6 +91,8 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp(prefix="peer_modelopt_"))
     rows, notes, shipped = [], {}, {"float": base}
     for label, (bits, cfg_name, cfg) in configs().items():
+        if known.configs and label.replace(" ", "") not in known.configs:
+            continue
         t0 = time.time()
         torch.manual_seed(SEED)
         m = copy.deepcopy(base).eval()
@@ -118,7 +125,7 @@ def main(argv=None):
         shipped[f"ModelOpt {label} (fake-quant)"] = m
 
     # what ships on CPU: the fake-quantised model (latency), and mtq.compress for real low-bit weights (size)
-    lat = latency(shipped, tok, batch_sizes=(1, 32), repeats=5 if a.quick else 10)
+    lat = latency(shipped, tok, batch_sizes=(1, 32), repeats=5 if a.quick else 9)
     exports = []
     for name, m in shipped.items():
         r = {"model": name, "latency_b1_ms": 1e3 * lat[name]["b1"], "latency_b32_ms": 1e3 * lat[name]["b32"],

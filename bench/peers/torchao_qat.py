@@ -165,7 +165,7 @@ def main(argv=None):
         ours_note = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         print(f"[torchao] our int8 export could not be built here: {ours_note}", flush=True)
 
-    lat = latency(shipped, tok, batch_sizes=(1, 32), repeats=5 if a.quick else 15)
+    lat = latency(shipped, tok, batch_sizes=(1, 32), repeats=5 if a.quick else 9)
     f_layers, f_model = state_bytes(base, names), model_bytes(base)
     exports = []
     for name, m in shipped.items():

@@ -88,7 +88,7 @@ def main(argv=None):
     print(f"[trl] teacher {tpath}: {rows[0]}", flush=True)
 
     runs = [("TRL GKDTrainer, lmbda=0 beta=0 (fwd KL, pure KD)", dict(beta=0.0))]
-    if not a.quick:
+    if a.extra:
         runs.append(("TRL GKDTrainer, lmbda=0 beta=0.5 (JSD, TRL default beta)", dict(beta=0.5)))
     for name, kw in runs:
         set_seed(r.seed)

@@ -58,7 +58,7 @@ class PruningCallback(TrainerCallback):
     def _state(self) -> dict:
         tensors = dict(self.pruner.state_dict())
         if self.snapshot is not None:
-            tensors.update({f"rewind.{x}": s for x, s in zip(self.pruner.names, self.snapshot)})
+            tensors.update({f"rewind.{x}": s for x, s in zip(self.pruner.names, self.pruner.gather(self.snapshot))})
         return tensors
 
     # ------------------------------------------------------------------ events
@@ -84,8 +84,7 @@ class PruningCallback(TrainerCallback):
                 )
             pruner.load_state_dict(tensors)
             if f"rewind.{pruner.names[0]}" in tensors:
-                dev = pruner.weights[0].device
-                self.snapshot = [tensors[f"rewind.{x}"].to(dev) for x in pruner.names]
+                self.snapshot = pruner.scatter([tensors[f"rewind.{x}"] for x in pruner.names])
             return
         if c.rewind_step == 0:
             self.snapshot = pruner.snapshot()

@@ -69,12 +69,10 @@ def _prune_lowest(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         if ties == 0:  # the tie budget is spent: every entry equal to t is kept
             masks.append(s >= t)
             continue
-        keep = s > t
-        eq = (s == t).reshape(-1)
-        cut = eq.cumsum(0) <= ties  # the first `ties` entries equal to t are pruned, the rest kept
-        keep.view(-1)[eq & ~cut] = True
+        eq = s == t
+        late = eq.reshape(-1).cumsum(0).view_as(s) > ties  # the first `ties` entries equal to t are pruned
+        masks.append((s > t) | (eq & late))  # out of place: also works on sharded (FSDP2 DTensor) scores
         ties -= min(ties, int(eq.sum()))
-        masks.append(keep)
     return masks
 
 

@@ -3,6 +3,10 @@
 Framework-free (bare `nn.Module` + tensors): the Trainer callback, the CLI and tests drive it. Every
 per-step operation is a fused foreach op over the targeted weights; nothing loops over elements and
 nothing syncs with the host except reading the sparsity for logs.
+
+Under FSDP2 (DTensor parameters) masks and scores are this rank's shards and the per-step ops stay local;
+a mask update gathers the full scores, computes the same masks an unsharded run would (one global
+threshold over every shard), and keeps this rank's shard of them (`hf_compress.sharding`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 from torch import nn
 
 from ..modules import LINEAR_TYPES, find_blocks, out_axis, select_modules, unwrap
+from ..sharding import full, local, shard, sum_shards
 from . import scores as S
 from .masks import GRANULARITIES, STRUCTURED, apply_masks, nm_masks, spread, unit_masks, unit_sum, unstructured_masks
 from .structured import set_layer_skip, unit_groups
@@ -76,10 +81,22 @@ class Pruner:
             if bad:
                 raise ValueError(f"N:M pruning needs input sizes divisible by m={m}; these are not: {bad[:5]}. Exclude them.")
         # masks in the weights' dtype: a fused float multiply is ~2x faster than one with bool masks
-        self.masks = [torch.ones_like(w) for w in self.weights]
+        self.masks = [torch.ones_like(w) for w in self._local()]
         self.active = False  # nothing pruned yet: the per-step multiplies are skipped
         self.units = [torch.ones(g.n_units, dtype=torch.bool, device=self.weights[0].device) for g in self.groups]
-        self.scores = S.init_scores(self.weights, method, self.names)
+        self.scores = S.init_scores(self._local(), method, self.names)
+
+    def _local(self) -> list[torch.Tensor]:
+        """This rank's piece of each targeted weight (the weight itself unless FSDP2 sharded it)."""
+        return [local(w) for w in self.weights]
+
+    def gather(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Full tensors from per-weight local pieces (masks, scores, snapshots); collective under FSDP2."""
+        return [full(x, w) for x, w in zip(pieces, self.weights)]
+
+    def scatter(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's pieces of full per-weight tensors."""
+        return [shard(x.to(w.device), w) for x, w in zip(tensors, self.weights)]
 
     # ------------------------------------------------------------------ checks
     def bound(self) -> int | None:
@@ -135,24 +152,25 @@ class Pruner:
     def accumulate(self) -> None:
         """Add this step's gradient contribution to the scores (movement / taylor)."""
         if self.needs_grads:
-            S.accumulate(self.scores, self.weights, self.method)
+            S.accumulate(self.scores, self._local(), self.method, [local(w.grad) for w in self.weights])
 
     def mask_grads(self) -> None:
         if self.active:
-            apply_masks([w.grad for w in self.weights], self.masks)
+            apply_masks([local(w.grad) for w in self.weights], self.masks)
 
     def apply(self) -> None:
         if self.active:
-            apply_masks(self.weights, self.masks)
+            apply_masks(self._local(), self.masks)
 
     def _set(self, masks: list[torch.Tensor], active: bool) -> None:
-        self.masks = [m.to(w.dtype) for m, w in zip(masks, self.weights)]
+        """Full masks in; this rank's pieces kept, in the weights' dtype."""
+        self.masks = [m.to(w.dtype) for m, w in zip(self.scatter(masks), self._local())]
         self.active = active
 
     @torch.no_grad()
     def update(self, sparsity: float) -> None:
         """Recompute the masks for `sparsity` from the current scores, and apply them."""
-        sc = S.current(self.scores, self.weights, self.method)
+        sc = self.gather(S.current(self.scores, self._local(), self.method))
         if self.granularity == "unstructured":
             self._set(unstructured_masks(sc, sparsity, self.scope), sparsity > 0)
         elif self.granularity == "n:m":
@@ -169,11 +187,12 @@ class Pruner:
         self.apply()
 
     def _spread(self) -> None:
-        masks = list(self.masks)
+        masks = [None] * len(self.weights)  # every targeted weight belongs to some unit group
         for g, keep in zip(self.groups, self.units):
             for x, d in g.parts:
                 i = self.index[x]
-                masks[i] = spread(keep, d, self.weights[i], g.segments.get(x, 1))
+                shape = torch.empty((), device=keep.device).expand(self.weights[i].shape)  # the full shape
+                masks[i] = spread(keep, d, shape, g.segments.get(x, 1))
         self._set(masks, not all(bool(u.all()) for u in self.units))
         if self.granularity == "layers":
             blocks = find_blocks(self.model)[1]
@@ -184,8 +203,9 @@ class Pruner:
     @torch.no_grad()
     def sparsity(self, per_module: bool = False):
         """Fraction of exact zeros kept by the masks (overall, or {module: fraction})."""
-        pruned = torch.stack([(mk == 0).sum() for mk in self.masks]).cpu()
-        sizes = torch.tensor([mk.numel() for mk in self.masks])
+        # under FSDP2: this rank's count plus the other shards'
+        pruned = torch.stack([sum_shards((mk == 0).sum(), w) for mk, w in zip(self.masks, self.weights)]).cpu()
+        sizes = torch.tensor([w.numel() for w in self.weights])
         if per_module:
             return {x: float(p / s) for x, p, s in zip(self.names, pruned, sizes)}
         return float(pruned.sum() / sizes.sum())
@@ -195,8 +215,10 @@ class Pruner:
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"mask.{x}": mk.bool() for x, mk in zip(self.names, self.masks)}
-        state.update({f"score.{x}": s for x, s in zip(self.names, self.scores)})
+        """Full tensors (gathered under FSDP2: call it on every rank), so a checkpoint fits any sharding."""
+        masks = self.gather([mk.to(torch.uint8) for mk in self.masks])  # uint8: gloo gathers no bool
+        state = {f"mask.{x}": mk.bool() for x, mk in zip(self.names, masks)}
+        state.update({f"score.{x}": s for x, s in zip(self.names, self.gather(self.scores))})
         state.update({f"units.{i}": u for i, u in enumerate(self.units)})
         return state
 
@@ -208,8 +230,9 @@ class Pruner:
         dev = self.weights[0].device
         masks = [state[f"mask.{x}"].to(dev, torch.bool) for x in self.names]
         self._set(masks, not all(bool(m.all()) for m in masks))
-        for x, s in zip(self.names, self.scores):
-            s.copy_(state[f"score.{x}"])
+        if self.scores:  # magnitude keeps none
+            for s, saved in zip(self.scores, self.scatter([state[f"score.{x}"] for x in self.names])):
+                s.copy_(saved)
         self.units = [state[f"units.{i}"].to(dev, torch.bool) for i in range(len(self.units))]
         if self.granularity == "layers":
             self._spread()
@@ -217,12 +240,13 @@ class Pruner:
 
     # ------------------------------------------------------------------ lottery ticket
     def snapshot(self) -> list[torch.Tensor]:
-        return [w.detach().clone() for w in self.weights]
+        """This rank's pieces of the weights, copied (`gather` makes full tensors of them)."""
+        return [w.detach().clone() for w in self._local()]
 
     @torch.no_grad()
     def rewind(self, snapshot: list[torch.Tensor], optimizer=None) -> None:
         """Surviving weights back to `snapshot` (Frankle & Carbin); their optimizer state restarts."""
-        for w, s in zip(self.weights, snapshot):
+        for w, s in zip(self._local(), snapshot):
             w.copy_(s)
         self.apply()
         if optimizer is not None:

@@ -34,9 +34,10 @@ def init_scores(weights: list[torch.Tensor], method: str, names: list[str] | Non
 
 
 @torch.no_grad()
-def accumulate(scores: list[torch.Tensor], weights: list[torch.Tensor], method: str) -> None:
-    """Add this step's contribution (needs `.grad` on the weights; weights without a grad are skipped)."""
-    pairs = [(s, w.detach(), w.grad) for s, w in zip(scores, weights) if w.grad is not None]
+def accumulate(scores: list[torch.Tensor], weights: list[torch.Tensor], method: str, grads=None) -> None:
+    """Add this step's contribution (`grads`, default each weight's `.grad`; weights without one are skipped)."""
+    grads = [w.grad for w in weights] if grads is None else grads
+    pairs = [(s, w.detach(), g) for s, w, g in zip(scores, weights, grads) if g is not None]
     if not pairs:
         return
     s, w, g = (list(x) for x in zip(*pairs))

@@ -42,6 +42,19 @@ def test_sharded_kd_pruning_qat_run(tmp_path, sentiment, config):  # noqa: F811
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-4" / "hf_compress").is_dir()
 
 
+@two_gpus
+def test_fsdp2_shards_the_teacher_and_prunes_across_shards(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(Path(__file__).with_name("fsdp_gpu_worker.py")), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for r in (0, 1):
+        rank = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert rank["teacher_sharded"] and rank["student_sharded"], rank
+        assert rank["pruner_sparsity"] == 0.5  # exact: one threshold over every shard
+        assert abs(rank["weight_sparsity"] - 0.5) < 1e-3, rank
+
+
 @one_gpu
 @pytest.mark.parametrize("export", ["bnb-int8", "bnb-nf4"])
 def test_bitsandbytes_export_on_cuda(tmp_path, export):

@@ -4,6 +4,8 @@ A teacher is frozen (`requires_grad=False`), in `eval()` mode, run under `torch.
 caller, placed on the student's device with the student's mixed-precision policy by
 `accelerator.prepare_model(..., evaluation_mode=True)` — which applies device placement and autocast
 but never wraps the model for gradient synchronisation — and it is never part of what is saved.
+Under FSDP2 it is sharded the way the student is (accelerate's `fsdp2_prepare_model`), so no rank holds
+a full copy.
 """
 
 from __future__ import annotations
@@ -27,10 +29,16 @@ def prepare_teacher(teacher: nn.Module, accelerator: Any | None = None) -> nn.Mo
     teacher.eval()
     teacher.requires_grad_(False)
     if accelerator is not None:
-        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
-        # prepare_model skips placement under FSDP (it expects to shard); an unsharded teacher still
-        # has to sit where the student's inputs are. Dispatched (device_map) and bitsandbytes models stay put.
         placed = getattr(teacher, "hf_device_map", None) or getattr(teacher, "quantization_method", None)
+        if getattr(accelerator, "is_fsdp2", False) and not placed:
+            # shard the teacher like the student (same mesh, wrap policy and mixed precision) instead of
+            # holding a full copy on every rank; prepare_model(evaluation_mode=True) would leave it whole
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            return fsdp2_prepare_model(accelerator, teacher)
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+        # prepare_model skips placement under FSDP1 (it expects to shard); an unsharded teacher still
+        # has to sit where the student's inputs are. Dispatched (device_map) and bitsandbytes models stay put.
         if not placed and any(p.device != accelerator.device for p in teacher.parameters()):
             teacher.to(accelerator.device)
     return teacher

@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=25, help="minutes per script before it is stopped")
     p.add_argument("--modelopt-steps", type=int, default=None, help="QAT steps of the ModelOpt run (default: --qat-steps)")
     p.add_argument("--modelopt-configs", nargs="*", default=None, help="ModelOpt configs to run: int8 int4g64 (default both)")
-    p.add_argument("--extra", action="store_true", help="extra peer rows (TRL GKD with its default beta=0.5)")
+    p.add_argument("--extra", action="store_true", help="extra rows: TRL GKD with its default beta=0.5, our student trained with CE only")
     p.add_argument("--reuse", action="store_true",
                    help="reuse a side's result JSON (bench/.cache/peers/results) when it is newer than its script")
     p.add_argument("--out", default=None)
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
 
     if "kd" in works:
         steps = ["--steps", str(a.kd_steps)] if a.kd_steps else []
-        res = run_script("ours_kd", sys.executable, PEERS / "ours_kd.py", q + steps, WORK / f"{tag}ours_kd.json", a.timeout)
+        res = run_script("ours_kd", sys.executable, PEERS / "ours_kd.py", q + steps + (["--extra"] if a.extra else []), WORK / f"{tag}ours_kd.json", a.timeout)
         log_run("kd", "ours", "bench/peers/ours_kd.py", res)
         kd += kd_rows(res, "ours")
         res = run_script("trl_gkd", venv_python(a.venvs, "trl"), PEERS / "trl_gkd.py", q + steps + (["--extra"] if a.extra else []), WORK / f"{tag}trl_gkd.json", a.timeout)

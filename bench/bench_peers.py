@@ -63,7 +63,10 @@ REUSE = False  # --reuse: take a side's JSON from an earlier run of the same (un
 
 def run_script(name: str, python: str, script: Path, args: list[str], out: Path, timeout_min: float) -> dict:
     """Run one side's script; returns {status, minutes, load, data | note}."""
-    log = WORK / f"{name}.log"
+    # one result file per script and arguments, so --reuse never takes a run made with other settings
+    suffix = "".join(c if c.isalnum() else "-" for c in "_".join(x.lstrip("-") for x in args))
+    out = out.with_name(f"{out.stem}{'_' + suffix if suffix else ''}.json")
+    log = WORK / f"{out.stem}.log"
     WORK.mkdir(parents=True, exist_ok=True)
     if REUSE and out.exists() and out.stat().st_mtime > script.stat().st_mtime:
         data = json.loads(out.read_text())

@@ -8,6 +8,7 @@ that run is the baseline: retention, size ratio and speed-ups are measured again
     python bench/bench_recipes.py            # the three recipes as shipped (~25 min on 2 CPU cores)
     python bench/bench_recipes.py --quick    # tiny overrides: proves it runs; numbers meaningless
     python bench/bench_recipes.py --only sst2_minilm
+    python bench/bench_recipes.py --set emotion_structured.training.max_steps=250 emotion_structured.teacher.train.max_steps=250
 """
 
 from __future__ import annotations
@@ -73,11 +74,19 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs, numbers meaningless")
     p.add_argument("--only", nargs="*", default=None, help=f"recipes to run (of {RECIPES})")
     p.add_argument("--out", default=None, help="JSON file to write (default bench/results/recipes.json)")
+    p.add_argument("--set", nargs="*", default=[], metavar="RECIPE.KEY=VALUE",
+                   help="override one recipe's key, e.g. emotion_structured.training.max_steps=250")
     a = p.parse_args(argv)
+    extra = {}
+    for item in a.set:
+        name, _, override = item.partition(".")
+        if name not in RECIPES or "=" not in override:
+            p.error(f"--set {item!r}: use RECIPE.KEY=VALUE with RECIPE one of {RECIPES}")
+        extra.setdefault(name, []).append(override)
     rows, runs = [], {}
     for name in a.only or RECIPES:
         out = CACHE / "recipes" / (name + ("-quick" if a.quick else ""))
-        overrides = [f"data_dir={data_dir()}", f"output_dir={out}", "training.disable_tqdm=true"] + (QUICK if a.quick else [])
+        overrides = [f"data_dir={data_dir()}", f"output_dir={out}", "training.disable_tqdm=true"] + (QUICK if a.quick else []) + extra.get(name, [])
         recipe = load_recipe(CONFIGS / f"{name}.yaml", overrides)
         print(f"[bench] recipe {name}: {recipe.name}", flush=True)
         t = time.time()

@@ -33,6 +33,9 @@ HEADLINE = [
     ("recipes", "student 3L"),
     ("recipes", "student KD + heads"),
     ("recipes", "student 2L"),
+    ("peers", "TRL GKDTrainer, lmbda=0 beta=0"),
+    ("peers", "torchao QAT int8"),
+    ("peers", "torchao QAT int4"),
 ]
 SUMMARY_COLS = ["benchmark", "model", "accuracy", "perplexity", "retention", "params_M", "disk_MB", "speedup_b1",
                 "speedup_b32", "step_ratio"]
@@ -70,6 +73,9 @@ def summary(results: dict[str, dict]) -> list[dict]:
     rows = []
     for bench, data in results.items():
         exports = {e["model"]: e for e in data.get("exports", [])}
+        if bench == "peers":  # our side of the comparison is already in the other benchmarks
+            rows += _peer_rows(data)
+            continue
         for r in data.get("rows", []):
             row = {"benchmark": bench, "model": r.get("model") or r.get("run")}
             for k in SUMMARY_COLS[2:]:
@@ -86,6 +92,29 @@ def summary(results: dict[str, dict]) -> list[dict]:
             row["date"] = data.get("date")
             rows.append(row)
     return rows
+
+
+def _peer_rows(data: dict) -> list[dict]:
+    """The peers' rows of bench_peers.py (TRL, torchao, ModelOpt), in the summary's columns."""
+    teacher_ppl = next((r["perplexity"] for r in data.get("distillation", []) if r.get("side") == "shared"), None)
+    exports = {(e.get("side"), e.get("model")): e for e in data.get("qat_exports", [])}
+    out = []
+    for r in data.get("distillation", []) + data.get("qat", []):
+        if r.get("side") in ("ours", "shared"):
+            continue
+        row = {"benchmark": "peers", "model": r["run"], "date": data.get("date")}
+        for k in ("accuracy", "perplexity", "retention", "params_M"):
+            if isinstance(r.get(k), (int, float)):
+                row[k] = r[k]
+        if "perplexity" in row and teacher_ppl:
+            row["retention"] = teacher_ppl / row["perplexity"]
+        if isinstance(r.get("step_ratio_interleaved"), (int, float)):
+            row["step_ratio"] = r["step_ratio_interleaved"]
+        ex = exports.get((r.get("side"), r["run"].replace(" QAT", "")))
+        if ex:
+            row.update(speedup_b1=ex["speedup_b1"], speedup_b32=ex["speedup_b32"])
+        out.append(row)
+    return out
 
 
 def plot(rows: list[dict], path: Path = PLOT) -> Path | None:

@@ -16,6 +16,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = ["bench_distillation.py", "bench_pruning.py", "bench_qat.py", "bench_recipes.py"]
+# the suite's settings: sized so the whole run fits about an hour on 2 CPU cores (each script's own
+# default is its full protocol; BENCHMARKS.md states per table which was used)
+SUITE_ARGS = {
+    "bench_pruning.py": ["--steps", "150"],
+    "bench_qat.py": ["--steps", "60"],
+    "bench_recipes.py": ["--set", "emotion_structured.training.max_steps=250", "emotion_structured.teacher.train.max_steps=250"],
+}
 DOC = ROOT.parent / "BENCHMARKS.md"
 README = ROOT.parent / "README.md"
 PLOT = ROOT.parent / "docs" / "benchmarks.png"
@@ -216,7 +223,7 @@ def main(argv=None) -> int:
     if not a.render:
         for script in a.only or SCRIPTS:
             t = time.time()
-            cmd = [sys.executable, str(ROOT / script)] + (["--quick"] if a.quick else [])
+            cmd = [sys.executable, str(ROOT / script)] + (["--quick"] if a.quick else SUITE_ARGS.get(script, []))
             if a.quick:
                 cmd += ["--out", str(ROOT / "results" / "quick" / script.replace("bench_", "").replace(".py", ".json"))]
             print(f"[run_all] {' '.join(cmd)}", flush=True)

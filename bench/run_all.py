@@ -169,7 +169,9 @@ def headline(rows: list[dict]) -> str:
     if not picked:
         return "_No benchmark results yet: run `make bench`._"
     dates = sorted({r["date"] for r in picked if r.get("date")})
-    lines = _table([{c: r.get(c) for c in SUMMARY_COLS if any(p.get(c) is not None for p in picked)} for r in picked])
+    # step ratios stay in BENCHMARKS.md, next to the caveats on the load they were measured under
+    cols = [c for c in SUMMARY_COLS if c != "step_ratio" and any(p.get(c) is not None for p in picked)]
+    lines = _table([{c: r.get(c) for c in cols} for r in picked])
     return "\n".join(
         lines + ["", f"Measured {dates[0]} – {dates[-1]} on the 2-CPU development machine (no GPU); each row's command, "
                      "protocol, caveats and the goals met / not met are in [BENCHMARKS.md](BENCHMARKS.md). "

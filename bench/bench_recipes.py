@@ -1,7 +1,7 @@
 """The shipped recipes as benchmark rows: KD + pruning + int8 combined (SST-2), a second task (emotion,
 6 classes, structured pruning) and causal-LM distillation (tiny-shakespeare, perplexity retention).
 
-Each recipe runs end to end through `hf_compress.pipeline.run_recipe` — exactly what `hf-compress run`
+Each recipe runs end to end through `hf_compress.cli.pipeline.run_recipe` — exactly what `hf-compress run`
 does — with its output under bench/.cache/recipes/<name>; the rows come from its report (the teacher of
 that run is the baseline: retention, size ratio and speed-ups are measured against it in one process).
 
@@ -20,11 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE, goal, table, write  # noqa: E402
+from common import CACHE, data_dir, goal, table, write  # noqa: E402
 
-from hf_compress.pipeline import run_recipe  # noqa: E402
-from hf_compress.recipes import load_recipe  # noqa: E402
-from hf_compress.testing import data_dir  # noqa: E402
+from hf_compress.cli.pipeline import run_recipe  # noqa: E402
+from hf_compress.cli.recipes import load_recipe  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = ["sst2_minilm", "emotion_structured", "tinyshakespeare_causal"]

@@ -33,7 +33,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_compress.testing import data_dir, minilm_path, read_jsonl
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the data location and MiniLM helpers of the tests
+from helpers import data_dir, minilm_path, read_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"

@@ -16,18 +16,22 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from pathlib import Path
 
 import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
 
 from hf_compress import DistillationConfig, DistillationTrainer, cache_teacher_logits, student_from_teacher  # KD
-from hf_compress.testing import data_dir
+
+# the shared data sets: $HF_COMPRESS_DATA, else ../shared/data beside this checkout
+DATA = Path(os.environ.get("HF_COMPRESS_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(data_dir() / "tinyshakespeare"), help="folder with train.txt / validation.txt")
+    p.add_argument("--data", default=str(DATA / "tinyshakespeare"), help="folder with train.txt / validation.txt")
     p.add_argument("--block", type=int, default=64, help="tokens (bytes) per training sequence")
     p.add_argument("--layers", type=int, default=4, help="teacher blocks; the student keeps every other one")
     p.add_argument("--hidden", type=int, default=128)

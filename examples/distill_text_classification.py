@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,13 +32,17 @@ from transformers import (
 )
 
 from hf_compress import DistillationConfig, DistillationTrainer, student_from_teacher  # KD
-from hf_compress.testing import data_dir, minilm_path, read_jsonl
+from hf_compress.cli.data import read_rows
+from hf_compress.cli.models import minilm_path
+
+# the shared data sets: $HF_COMPRESS_DATA, else ../shared/data beside this checkout
+DATA = Path(os.environ.get("HF_COMPRESS_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--teacher", default=None, help="fine-tuned classifier dir (default: fine-tune the packaged MiniLM first)")
-    p.add_argument("--data", default=str(data_dir() / "sst2"), help="folder with train.jsonl / validation.jsonl (sentence, label)")
+    p.add_argument("--data", default=str(DATA / "sst2"), help="folder with train.jsonl / validation.jsonl (sentence, label)")
     p.add_argument("--train-rows", type=int, default=4000)
     p.add_argument("--eval-rows", type=int, default=None, help="validation rows (default: all 872)")
     p.add_argument("--teacher-steps", type=int, default=250)
@@ -54,9 +59,9 @@ def parse(argv=None):
 
 
 def load(folder, tok, train_rows, eval_rows):
-    rows = read_jsonl(os.path.join(folder, "train.jsonl"))
+    rows = read_rows(os.path.join(folder, "train.jsonl"))
     pick = sorted(np.random.RandomState(0).permutation(len(rows))[:train_rows])
-    val = read_jsonl(os.path.join(folder, "validation.jsonl"), limit=eval_rows)
+    val = read_rows(os.path.join(folder, "validation.jsonl"))[:eval_rows]
 
     def enc(items):
         ds = Dataset.from_list([{"sentence": r["sentence"], "label": r["label"]} for r in items])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,12 +24,16 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Ber
                           TrainingArguments)
 
 from hf_compress import PruningCallback, PruningConfig, merge_lora, select_modules  # PRUNE
-from hf_compress.testing import data_dir, minilm_path, read_jsonl
+from hf_compress.cli.data import read_rows
+from hf_compress.cli.models import minilm_path
+
+# the shared data sets: $HF_COMPRESS_DATA, else ../shared/data beside this checkout
+DATA = Path(os.environ.get("HF_COMPRESS_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(data_dir() / "sst2"), help="folder with train.jsonl / validation.jsonl (sentence, label)")
+    p.add_argument("--data", default=str(DATA / "sst2"), help="folder with train.jsonl / validation.jsonl (sentence, label)")
     p.add_argument("--train-rows", type=int, default=4000)
     p.add_argument("--eval-rows", type=int, default=None, help="validation rows (default: all 872)")
     p.add_argument("--max-steps", type=int, default=300)
@@ -43,11 +48,11 @@ def parse(argv=None):
 def main(argv=None):
     a = parse(argv)
     tok = AutoTokenizer.from_pretrained(minilm_path())
-    rows = read_jsonl(os.path.join(a.data, "train.jsonl"))
+    rows = read_rows(os.path.join(a.data, "train.jsonl"))
     rows = [rows[i] for i in sorted(np.random.RandomState(0).permutation(len(rows))[: a.train_rows])]
     train, val = (Dataset.from_list([{"sentence": r["sentence"], "label": r["label"]} for r in x]).map(
         lambda b: tok(b["sentence"], truncation=True, max_length=64), batched=True)
-        for x in (rows, read_jsonl(os.path.join(a.data, "validation.jsonl"), limit=a.eval_rows)))
+        for x in (rows, read_rows(os.path.join(a.data, "validation.jsonl"))[:a.eval_rows]))
     if a.tiny:
         model = AutoModelForSequenceClassification.from_config(BertConfig(
             vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))

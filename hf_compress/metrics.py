@@ -98,3 +98,12 @@ def evaluate_model(model, dataset, task: str = "sequence-classification", collat
         return {"loss": mean, "perplexity": perplexity(mean)}
     num_labels = getattr(getattr(model, "config", None), "num_labels", None)
     return _scores(np.concatenate(preds), np.concatenate(labels), num_labels)
+
+
+def collator_for(task: str, tokenizer=None):
+    """Dynamic padding for classification; causal-LM blocks are already of equal length."""
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    if task == "causal-lm" or tokenizer is None:
+        return default_data_collator
+    return DataCollatorWithPadding(tokenizer)

@@ -127,3 +127,28 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def model_class_for(config, model_class: type | None = None) -> type:
+    """The transformers class named by ``config.architectures`` (or `model_class` when given)."""
+    if model_class is not None:
+        return model_class
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    raise ValueError(
+        f"config.architectures={getattr(config, 'architectures', None)!r} names no transformers class: "
+        "pass `model_class=`, e.g. AutoModelForSequenceClassification."
+    )
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` where the submodule called `name` (dotted) is; returns the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old

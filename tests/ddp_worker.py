@@ -17,7 +17,7 @@ from transformers import TrainerCallback, TrainingArguments
 from hf_compress import (DistillationConfig, DistillationTrainer, PruningCallback, PruningConfig, QATCallback,
                          QATConfig)
 from hf_compress import checkpointing
-from hf_compress.testing import TokenDataset, tiny_bert
+from helpers import TokenDataset, tiny_bert
 
 out = sys.argv[1]
 rank = int(os.environ["RANK"])
@@ -50,8 +50,8 @@ def spy(*a, **kw):
 
 checkpointing.save_state = spy
 # the callbacks imported the function by name: point them at the spy too
-import hf_compress.callbacks.pruning_callback as pc  # noqa: E402
-import hf_compress.callbacks.qat_callback as qc  # noqa: E402
+import hf_compress.callbacks.pruning as pc  # noqa: E402
+import hf_compress.callbacks.qat as qc  # noqa: E402
 import hf_compress.trainers.distillation_trainer  # noqa: E402,F401
 
 pc.save_state = qc.save_state = spy

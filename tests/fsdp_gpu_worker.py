@@ -12,7 +12,7 @@ import torch.distributed as dist
 from transformers import TrainingArguments
 
 from hf_compress import DistillationConfig, DistillationTrainer, PruningCallback, PruningConfig
-from hf_compress.testing import TokenDataset, tiny_bert
+from helpers import TokenDataset, tiny_bert
 
 
 def main(out: str) -> None:

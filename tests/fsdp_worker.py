@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from hf_compress.pruning import Pruner
-from hf_compress.testing import tiny_bert
+from helpers import tiny_bert
 
 SETTINGS = [("magnitude", "unstructured", "global"), ("movement", "unstructured", "global"),
             ("taylor", "unstructured", "local"), ("magnitude", "n:m", "global"), ("taylor", "heads", "global"),

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_compress import (DistillationConfig, DistillationTrainer, PruningCallback, PruningConfig, QATCallback,
                          QATConfig, load_pretrained)
-from hf_compress.testing import TokenDataset, tiny_bert, tiny_llama
+from helpers import TokenDataset, tiny_bert, tiny_llama
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_input.md"
 
@@ -41,7 +41,7 @@ def nan_teacher(tmp):
 
 
 def recipe(tmp, text):
-    from hf_compress.recipes import load_recipe
+    from hf_compress.cli.recipes import load_recipe
 
     (tmp / "r.yaml").write_text(text)
     return load_recipe(tmp / "r.yaml")  # validates every section against its config class
@@ -53,20 +53,20 @@ BASE = "model: {name: 'tiny:bert', task: sequence-classification, num_labels: 2}
 def data(tmp, rows, **cfg):
     import json
 
-    from hf_compress.data import DataConfig, load_datasets
+    from hf_compress.cli.data import DataConfig, load_datasets
 
     (tmp / "d").mkdir()
     for split in ("train", "validation"):
         (tmp / "d" / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     from transformers import BertTokenizerFast
-    from hf_compress.testing import minilm_path
+    from helpers import minilm_path
 
     tok = BertTokenizerFast.from_pretrained(minilm_path())
     load_datasets(DataConfig(local=str(tmp / "d"), **cfg), tok, "sequence-classification")
 
 
 def missing_data(tmp):
-    from hf_compress.data import DataConfig, load_rows
+    from hf_compress.cli.data import DataConfig, load_rows
 
     load_rows(DataConfig(local="no_such_folder"), data_dir=tmp)
 

@@ -174,7 +174,7 @@ def test_end_to_end_causal_lm(tmp_path, capsys):
 @pytest.mark.integration
 def test_demo_recipe_on_the_real_minilm_small(tmp_path, capsys):
     """The shipped SST-2 recipe, shrunk to a few steps: packaged MiniLM, ../shared/data, int8 export."""
-    from hf_compress.testing import data_dir, minilm_path
+    from helpers import data_dir, minilm_path
 
     try:
         minilm_path()

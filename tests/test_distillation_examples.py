@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_compress.testing import data_dir
+from helpers import data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ TEACHER_STEPS, STUDENT_STEPS, BATCH, MAX_LEN, N_EVAL = 40, 40, 16, 48, 300
 def _data(tok):
     from datasets import Dataset
 
-    from hf_compress.testing import data_dir, read_jsonl
+    from helpers import data_dir, read_jsonl
 
     folder = data_dir() / "sst2"
     if not (folder / "train.jsonl").exists():
@@ -51,7 +51,7 @@ def test_distilled_student_agrees_with_teacher_more_than_undistilled(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
 
     from hf_compress import DistillationConfig, DistillationTrainer, student_from_teacher
-    from hf_compress.testing import minilm_path
+    from helpers import minilm_path
 
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from hf_compress import cache_teacher_logits, student_from_teacher
 from hf_compress.distillation.teacher import is_frozen, prepare_teacher, to_low_bit
 from hf_compress.modules import find_blocks
-from hf_compress.testing import tiny_bert, tiny_gpt2, tiny_llama
+from helpers import tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _same(a, b):

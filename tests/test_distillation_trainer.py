@@ -10,7 +10,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_compress import DistillationConfig, DistillationTrainer, cache_teacher_logits
 from hf_compress.distillation.cache import COLUMNS
-from hf_compress.testing import TokenDataset, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import TokenDataset, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _args(tmp_path, **kw):

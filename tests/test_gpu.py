@@ -61,7 +61,7 @@ def test_bitsandbytes_export_on_cuda(tmp_path, export):
     from transformers import Trainer, TrainingArguments
 
     from hf_compress import QATCallback, QATConfig, load_pretrained
-    from hf_compress.testing import TokenDataset, tiny_bert
+    from helpers import TokenDataset, tiny_bert
 
     model = tiny_bert(hidden=64, ffn=128).cuda()
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], max_steps=3, per_device_train_batch_size=8,

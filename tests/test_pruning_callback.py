@@ -9,7 +9,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_compress import PruningCallback, PruningConfig
 from hf_compress.pruning import Pruner
-from hf_compress.testing import TokenDataset, tiny_bert, tiny_llama
+from helpers import TokenDataset, tiny_bert, tiny_llama
 
 
 def _args(tmp_path, steps, **kw):

@@ -5,7 +5,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_compress import PruningCallback, PruningConfig
 from hf_compress.pruning import Pruner
-from hf_compress.testing import TokenDataset, tiny_bert
+from helpers import TokenDataset, tiny_bert
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -68,7 +68,7 @@ def test_bad_input_fails_when_the_trainer_is_built(tmp_path, cfg, match):
 
 
 def test_callback_order_with_qat_is_checked(tmp_path):
-    qat = pytest.importorskip("hf_compress.callbacks.qat_callback")
+    qat = pytest.importorskip("hf_compress.callbacks.qat")
     model = tiny_bert()
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2,
                              per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True)

@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from hf_compress import PruningCallback, PruningConfig, load_pretrained, merge_lora, select_modules  # noqa: E402
 from hf_compress.modules import plain_name  # noqa: E402
-from hf_compress.testing import TokenDataset, data_dir, tiny_bert  # noqa: E402
+from helpers import TokenDataset, data_dir, tiny_bert  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 X = TokenDataset(16, seed=1)[:]  # held-out batch for logits

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from hf_compress import PruningCallback, PruningConfig, load_pretrained
 from hf_compress.pruning import Pruner, remove_pruned, structure
 from hf_compress.pruning.structured import bert, llama
-from hf_compress.testing import TokenDataset, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import TokenDataset, tiny_bert, tiny_gpt2, tiny_llama
 
 MODELS = {
     "bert": lambda: tiny_bert(layers=4, hidden=32, heads=4, ffn=64),
@@ -181,8 +181,8 @@ def test_uniform_shapes_reload_with_auto_class(arch, granularity, auto, tmp_path
 
 def test_heads_pruned_then_int8_export_reloads(tmp_path):
     """PruningCallback before QATCallback: units are removed, then the remaining layers are exported."""
-    qat = pytest.importorskip("hf_compress.callbacks.qat_callback")
-    from hf_compress.callbacks.qat_config import QATConfig
+    qat = pytest.importorskip("hf_compress.callbacks.qat")
+    from hf_compress.quantization.config import QATConfig
 
     model = MODELS["bert"]()
     batch = _batch()

@@ -12,7 +12,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from hf_compress import PruningCallback, PruningConfig, QATCallback, QATConfig, load_pretrained
 from hf_compress.quantization import fake_quant_layers, observers
 from hf_compress.quantization.fake_quant import FakeQuantMixin
-from hf_compress.testing import TokenDataset, tiny_bert, tiny_gpt2
+from helpers import TokenDataset, tiny_bert, tiny_gpt2
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

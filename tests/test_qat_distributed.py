@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent('''
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from hf_compress import QATCallback, QATConfig
     from hf_compress.quantization import observers
-    from hf_compress.testing import TokenDataset, tiny_bert
+    from helpers import TokenDataset, tiny_bert
 
     out, name = sys.argv[1], "bert.encoder.layer.0.attention.self.query"
     local = []  # this rank's own input ranges of one layer, batch by batch

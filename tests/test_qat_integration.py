@@ -8,7 +8,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hf_compress import QATCallback, QATConfig, load_pretrained, quantize_model  # noqa: E402
-from hf_compress.testing import data_dir, minilm_path, read_jsonl  # noqa: E402
+from helpers import data_dir, minilm_path, read_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ from hf_compress.quantization import (
 )
 from hf_compress.quantization.numerics import NF4_CODE, dequantize_weight
 from hf_compress.quantization.backends import get_backend
-from hf_compress.testing import TokenDataset, tiny_bert, tiny_gpt2
+from helpers import TokenDataset, tiny_bert, tiny_gpt2
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hf_compress.data import DataConfig, char_tokenizer, load_datasets, load_rows
-from hf_compress.recipes import apply_overrides, build_model, build_tokenizer, load_recipe, recipe_from_dict, resolve_spec
+from hf_compress.cli.data import DataConfig, char_tokenizer, load_datasets, load_rows
+from hf_compress.cli.recipes import apply_overrides, build_model, build_tokenizer, load_recipe, recipe_from_dict, resolve_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -37,9 +37,9 @@ def test_shipped_recipes_parse_and_validate():
 
 
 def test_sections_become_the_config_dataclasses():
-    from hf_compress.callbacks.pruning_config import PruningConfig
-    from hf_compress.callbacks.qat_config import QATConfig
-    from hf_compress.trainers.distillation_config import DistillationConfig
+    from hf_compress.pruning.config import PruningConfig
+    from hf_compress.quantization.config import QATConfig
+    from hf_compress.distillation.config import DistillationConfig
 
     r = recipe(distillation={"temperature": 4, "alpha": 0.9}, pruning={"granularity": "2:4"},
                quantization={"weight_bits": 4, "group_size": 16}, training={"learning_rate": "3e-4", "max_steps": 7})
@@ -236,7 +236,7 @@ def test_model_specs():
 def test_packaged_minilm_and_hub_id_resolve_offline(monkeypatch):
     import huggingface_hub
 
-    from hf_compress.testing import minilm_path
+    from helpers import minilm_path
 
     try:
         path = str(minilm_path())

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from hf_compress import compression_report
-from hf_compress.data import collator_for
+from hf_compress.metrics import collator_for
 from hf_compress.metrics import classification_metrics, evaluate_model, f1
-from hf_compress.report import disk_size_mb, measure_latency, parameter_stats, render_report, write_report
-from hf_compress.testing import TokenDataset, tiny_bert, tiny_gpt2, tiny_llama
+from hf_compress.cli.report import render_report, write_report
+from hf_compress.report import disk_size_mb, measure_latency, parameter_stats
+from helpers import TokenDataset, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _linear_weights(model):
@@ -57,7 +58,7 @@ def test_low_bit_weights_count_by_logical_size(kind):
             warnings.simplefilter("ignore")
             q = torch.ao.quantization.quantize_dynamic(q, {nn.Linear}, torch.qint8)
     else:
-        from hf_compress.callbacks.qat_config import QATConfig
+        from hf_compress.quantization.config import QATConfig
         from hf_compress.quantization.ptq import quantize_model
 
         q = quantize_model(q, QATConfig(weight_bits=8, export="torch-int8"))

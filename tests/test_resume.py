@@ -15,7 +15,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from hf_compress import (DistillationConfig, DistillationTrainer, PruningCallback, PruningConfig, QATCallback,
                          QATConfig)
-from hf_compress.testing import TokenDataset, tiny_bert
+from helpers import TokenDataset, tiny_bert
 
 
 class StopAt(TrainerCallback):

@@ -38,14 +38,15 @@ QUICK = {"teacher_steps": 30, "steps": 8, "train_blocks": 256, "eval_blocks": 32
 
 
 def data_dir() -> Path:
-    from hf_compress.testing import data_dir as dd
+    sys.path.insert(0, str(BENCH))
+    from common import data_dir as dd
 
     return dd()
 
 
 def recipe(quick: bool = False):
     """The recipe, with --quick overrides applied through the recipe's own override syntax."""
-    from hf_compress.recipes import load_recipe
+    from hf_compress.cli.recipes import load_recipe
 
     overrides = [f"data_dir={data_dir()}"]
     if quick:
@@ -56,8 +57,8 @@ def recipe(quick: bool = False):
 
 def setup(quick: bool = False):
     """(recipe, tokenizer, splits) — identical on both sides."""
-    from hf_compress.data import load_datasets
-    from hf_compress.recipes import build_tokenizer
+    from hf_compress.cli.data import load_datasets
+    from hf_compress.cli.recipes import build_tokenizer
 
     r = recipe(quick)
     tok = build_tokenizer(r.model.tokenizer, r.model.name)
@@ -69,7 +70,7 @@ def _teacher_key(r) -> str:
     import dataclasses
     import hashlib
 
-    from hf_compress.recipes import fingerprint
+    from hf_compress.cli.recipes import fingerprint
 
     return hashlib.sha1(fingerprint({"model": dataclasses.asdict(r.model), "teacher": r.teacher.train, "training": r.training,
                         "data": dataclasses.asdict(r.data), "seed": r.seed}).encode()).hexdigest()[:12]
@@ -79,7 +80,7 @@ def teacher(r, tok, splits, log=print):
     """The recipe's teacher: trained once with the stock Trainer, then loaded from bench/.cache/peers."""
     from transformers import AutoModelForCausalLM, Trainer, default_data_collator, set_seed
 
-    from hf_compress.recipes import build_model
+    from hf_compress.cli.recipes import build_model
 
     path = CACHE / f"lm-teacher-{_teacher_key(r)}"
     if not (path / "model.safetensors").exists():

@@ -14,7 +14,7 @@ from typing import Sequence
 from torch import nn
 
 from ..modules import find_blocks, unwrap
-from ..serialization import get_metadata, record
+from ..metadata import get_metadata, record
 
 
 def _num_layers(config) -> int:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modules import select_modules, unwrap
-from ..serialization import model_class_for
+from ..modules import replace_module, select_modules, unwrap
+from ..modules import model_class_for
 
 LOW_BIT = ("int8", "nf4")
 
@@ -108,6 +108,5 @@ def to_low_bit(model: nn.Module, low_bit: str = "int8") -> nn.Module:
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.data.float().cpu(), requires_grad=False)
         q = q.to(lin.weight.device)  # bitsandbytes quantises on this move
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        replace_module(model, name, q)
     return model

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..modules import plain_name, unwrap
-from ..serialization import get_metadata, record
+from ..metadata import get_metadata, record
 
 
 def merge_lora(model: nn.Module, pruning=None) -> nn.Module:

@@ -5,7 +5,7 @@ Public functions:
     insert_fake_quant / remove_fake_quant  QAT's in-place fake quantisation (Parameters untouched)
     finalize(model, plan, export)        end of QAT / PTQ: bake the grid into the float weights, or
                                          convert to real low-bit layers; records the scheme
-    rebuild_quantized(model, meta)       reload path, called by hf_compress.serialization.load_pretrained
+    rebuild_quantized(model, meta)       reload path, called by hf_compress.loading.load_pretrained
     quantize_model(model, config, calib_dataloader=None)   PTQ (hf_compress.quantization.ptq)
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modules import is_linear, out_axis
+from ..modules import is_linear, out_axis, replace_module
 from .backends import get_backend
 from .fake_quant import (
     commit_observers,
@@ -96,13 +96,11 @@ def finalize(
             with torch.no_grad():
                 m.weight.copy_(fake_quantize_weight(m.weight.detach(), lp.weight, axis))
         else:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, backend.convert(m, lp.weight, axis).train(m.training))
+            replace_module(model, name, backend.convert(m, lp.weight, axis).train(m.training))
         layers[name] = {**lp.to_dict(), **entry}
     meta = {"version": FORMAT_VERSION, "backend": export, "layers": layers}
     if hasattr(model, "config"):
-        from ..serialization import record
+        from ..metadata import record
 
         record(model, "quantization", meta)
     return meta
@@ -135,13 +133,10 @@ def rebuild_quantized(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
     backend.require()
     for name, d in meta["layers"].items():
         lp = LayerPlan.from_dict(d)
-        parent_name, _, child = name.rpartition(".")
         try:
-            parent = model.get_submodule(parent_name) if parent_name else model
-            getattr(parent, child)
+            replace_module(model, name, backend.empty(d["in_features"], d["out_features"], d["bias"], lp.weight))
         except AttributeError as e:
             raise ValueError(f"Quantised layer {name!r} recorded in config.json does not exist in {type(model).__name__}.") from e
-        setattr(parent, child, backend.empty(d["in_features"], d["out_features"], d["bias"], lp.weight))
     return model
 
 

@@ -71,11 +71,11 @@ class QScheme:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) + (1 if self.symmetric else 0)
+        return int_range(self.bits, self.symmetric)[0]
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+        return int_range(self.bits, self.symmetric)[1]
 
     @property
     def granularity(self) -> str:
@@ -96,6 +96,12 @@ class QScheme:
 # ---------------------------------------------------------------- scale / zero point
 
 
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """(qmin, qmax) of a signed `bits`-bit grid: [-(2^(b-1)-1), 2^(b-1)-1] symmetric, [-2^(b-1), 2^(b-1)-1] not."""
+    qmax = 2 ** (bits - 1) - 1
+    return (-qmax if symmetric else -qmax - 1), qmax
+
+
 def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) for values observed in [lo, hi]; float32 tensors, Z integer-valued.
 
@@ -103,12 +109,11 @@ def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> t
     """
     lo = torch.clamp(lo.float(), max=0.0)
     hi = torch.clamp(hi.float(), min=0.0)
-    qmax = 2 ** (bits - 1) - 1
+    qmin, qmax = int_range(bits, symmetric)
     if symmetric:
         scale = torch.maximum(-lo, hi) / qmax
         zero = torch.zeros_like(scale)
     else:
-        qmin = -(2 ** (bits - 1))
         scale = (hi - lo) / (qmax - qmin)
     # an all-zero range: any scale represents it exactly; 1 avoids 0/0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))

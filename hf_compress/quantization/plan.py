@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..modules import out_axis, select_modules
-from .numerics import QScheme
+from .numerics import QScheme, int_range
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,11 @@ class ActScheme:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) + (1 if self.symmetric else 0)
+        return int_range(self.bits, self.symmetric)[0]
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+        return int_range(self.bits, self.symmetric)[1]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from ..distillation.cache import COLUMNS, INDICES, VALUES, CachedLogitsCollator,
 from ..distillation.layers import make_projections, resolve_layer_map
 from ..distillation.teacher import prepare_teacher
 from ..modules import unwrap
-from .distillation_config import DistillationConfig
+from ..distillation.config import DistillationConfig
 
 logger = logging.getLogger(__name__)
 

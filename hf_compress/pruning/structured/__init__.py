@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ...modules import find_blocks, out_axis, unwrap
-from ...serialization import get_metadata, record
+from ...metadata import get_metadata, record
 from . import bert, gpt2, llama
 from ..masks import unit_sum
 from .common import UnitGroup, is_skipped, set_layer_skip, unit_index  # noqa: F401

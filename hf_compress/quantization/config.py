@@ -8,10 +8,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
-from ..quantization.backends import get_backend, names as backend_names
-from ..quantization.numerics import NF4_GROUP_SIZES
-from ..quantization.observers import ACT_RANGES
-from ..quantization.plan import scheme_for_bits
+from .backends import get_backend, names as backend_names
+from .numerics import NF4_GROUP_SIZES
+from .observers import ACT_RANGES
+from .plan import scheme_for_bits
 
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 FORMATS = ("int", "nf4")

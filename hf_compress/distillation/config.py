@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
-from ..distillation.losses import HIDDEN_LOSSES, KD_LOSSES
+from .losses import HIDDEN_LOSSES, KD_LOSSES
 
 
 def _number(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False) -> float:

@@ -1,57 +1,23 @@
-"""Saving and reloading compressed models.
+"""Reloading compressed models (top layer: imports the technique packages' rebuild functions).
 
-What a compression step changed in a model's *structure* (heads removed, FFN widths, low-bit layers)
-is recorded under the key ``hf_compress`` of the model's ``config`` — so it lands in the small
-``config.json`` beside the weights on every save path (``save_pretrained``, ``trainer.save_model``,
-Trainer checkpoints, ``push_to_hub``) without hooks. `load_pretrained` reads it back, rebuilds the
-same structure, then loads the safetensors weights. Weights are read from safetensors only.
+`load_pretrained` reads the ``hf_compress`` entry of ``config.json`` (`hf_compress.metadata`),
+rebuilds the same structure (pruned units and layers, low-bit layers), then loads the safetensors
+weights. Weights are read from safetensors only. Nothing in the library below this imports it.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-META_KEY = "hf_compress"
-
-
-def get_metadata(model_or_config) -> dict[str, Any]:
-    config = getattr(model_or_config, "config", model_or_config)
-    return copy.deepcopy(getattr(config, META_KEY, None) or {})
-
-
-def record(model: nn.Module, section: str, data: Any) -> None:
-    """Store `data` (JSON-serialisable) under ``config.hf_compress[section]``; `None` removes it."""
-    config = model.config
-    meta = dict(getattr(config, META_KEY, None) or {})
-    if data is None:
-        meta.pop(section, None)
-    else:
-        json.dumps(data)  # fail now, not at save time
-        meta[section] = data
-    setattr(config, META_KEY, meta or None)
-
-
-def model_class_for(config, model_class: type | None = None) -> type:
-    """The transformers class named by ``config.architectures`` (or `model_class` when given)."""
-    if model_class is not None:
-        return model_class
-    import transformers
-
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    raise ValueError(
-        f"config.architectures={getattr(config, 'architectures', None)!r} names no transformers class: "
-        "pass `model_class=`, e.g. AutoModelForSequenceClassification."
-    )
+from .metadata import get_metadata
+from .modules import model_class_for
+from .pruning.structured import apply_structure
+from .quantization import rebuild_quantized
 
 
 def load_state_dict_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -89,12 +55,8 @@ def load_pretrained(path: str | os.PathLike, model_class: type | None = None, **
     cls = model_class_for(config, model_class)
     model = cls(config)
     if "pruning" in meta:
-        from .pruning.structured import apply_structure
-
         apply_structure(model, meta["pruning"])
     if "quantization" in meta:
-        from .quantization import rebuild_quantized
-
         rebuild_quantized(model, meta["quantization"])
     state = load_state_dict_safetensors(path)
     result = model.load_state_dict(state, strict=False)

@@ -24,9 +24,9 @@ from ..checkpointing import find_resume_dir, load_state, save_state
 from ..modules import unwrap
 from ..pruning import Pruner, is_update_step, remove_pruned, sparsity_at
 from ..pruning.pruner import check_plain
-from ..serialization import get_metadata, record
+from ..metadata import get_metadata, record
 from ._logs import add_to_logs
-from .pruning_config import PruningConfig
+from ..pruning.config import PruningConfig
 
 
 class PruningCallback(TrainerCallback):

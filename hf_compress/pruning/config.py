@@ -6,9 +6,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from ..pruning.masks import GRANULARITIES, STRUCTURED
-from ..pruning.schedules import SCHEDULES
-from ..pruning.scores import METHODS, NEEDS_GRADS
+from .masks import GRANULARITIES, STRUCTURED
+from .schedules import SCHEDULES
+from .scores import METHODS, NEEDS_GRADS
 
 DEFAULT_END_FRACTION = 0.7  # without end_step the target is reached at 70% of training; the rest recovers
 

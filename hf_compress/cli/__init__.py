@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 
-from . import __version__
+from .. import __version__
 
 DESCRIPTION = """\
 Compress a Hugging Face model while it fine-tunes: distillation, pruning and quantisation-aware

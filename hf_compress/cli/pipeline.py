@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .data import collator_for, load_datasets
-from .metrics import classification_metrics, evaluate_model
+from ..metrics import classification_metrics, collator_for, evaluate_model
+from ..report import compression_report, quiet_progress
+from .data import load_datasets
 from .recipes import Recipe, build_model, build_tokenizer, fingerprint
-from .report import compression_report, markdown_table, quiet_progress, write_report
+from .report import markdown_table, write_report
 
 FINGERPRINT = "hf_compress_teacher.json"
 # TrainingArguments that do not change the fine-tuned teacher's weights (ignored when deciding reuse)
@@ -133,7 +134,7 @@ def _load_teachers(run: Run, tokenizer, splits) -> list:
 
 
 def _build_student(run: Run, teacher, tokenizer, num_labels):
-    from .distillation.student import student_from_teacher
+    from ..distillation.student import student_from_teacher
 
     r = run.recipe
     s = r.student
@@ -172,7 +173,7 @@ def _as_dict(cfg) -> dict:
 
 def _reload_check(run: Run, model, export_dir: str, splits, tokenizer, task) -> dict:
     """Reload the export with load_pretrained and compare its logits on one eval batch to the trained model."""
-    from .serialization import load_pretrained
+    from ..loading import load_pretrained
 
     try:
         reloaded = load_pretrained(export_dir)
@@ -228,22 +229,22 @@ def run_recipe(recipe: Recipe, command: str | None = None) -> dict:
 
     callbacks = []
     if prunes:
-        from .callbacks.pruning_callback import PruningCallback
+        from ..callbacks.pruning import PruningCallback
 
         callbacks += [PruningCallback(p) for p in prunes]
     if qat is not None:  # after pruning: structural removal first, then the low-bit export
-        from .callbacks.qat_callback import QATCallback
+        from ..callbacks.qat import QATCallback
 
         callbacks.append(QATCallback(qat))
     kw = {"callbacks": callbacks}
     trainer_cls = None
     if dist is not None:
-        from .trainers.distillation_trainer import DistillationTrainer
+        from ..trainers.distillation_trainer import DistillationTrainer
 
         trainer_cls = DistillationTrainer
         held = teachers
         if r.teacher.low_bit:
-            from .distillation.teacher import to_low_bit
+            from ..distillation.teacher import to_low_bit
 
             held = [to_low_bit(copy.deepcopy(t), r.teacher.low_bit) for t in teachers]
         kw.update(teacher_model=held[0] if len(held) == 1 else held, distillation_config=dist)
@@ -251,7 +252,7 @@ def run_recipe(recipe: Recipe, command: str | None = None) -> dict:
     what = " + ".join(p for p, c in (("distillation", dist), ("pruning", prunes or None), ("QAT", qat)) if c is not None) or "fine-tuning"
     with run.phase("training", f"{what}, {steps} steps"):
         trainer = _train(student, args, splits, tokenizer, task, trainer_cls, **kw)
-    from .modules import unwrap
+    from ..modules import unwrap
 
     compressed = unwrap(trainer.model)
 

@@ -79,15 +79,6 @@ def char_tokenizer():
     )
 
 
-def collator_for(task: str, tokenizer=None):
-    """Dynamic padding for classification; causal-LM blocks are already of equal length."""
-    from transformers import DataCollatorWithPadding, default_data_collator
-
-    if task == "causal-lm" or tokenizer is None:
-        return default_data_collator
-    return DataCollatorWithPadding(tokenizer)
-
-
 # ----------------------------------------------------------------------------- reading rows
 
 
@@ -130,10 +121,9 @@ def _resolve(p: str, data_dir: Path | None) -> Path:
 
 
 def default_data_dir() -> Path:
-    """$HF_COMPRESS_DATA, else ``../shared/data`` beside the project checkout."""
-    from .testing import data_dir
-
-    return data_dir()
+    """Where relative ``data.local`` paths are looked up without ``data_dir=``: $HF_COMPRESS_DATA, else the
+    working directory."""
+    return Path(os.environ.get("HF_COMPRESS_DATA") or ".")
 
 
 def _hub_rows(cfg: DataConfig, split: str) -> list[dict]:

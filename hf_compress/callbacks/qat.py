@@ -37,7 +37,7 @@ from ..quantization import (
 )
 from ..quantization.observers import sync_observers
 from ._logs import add_to_logs
-from .qat_config import QATConfig
+from ..quantization.config import QATConfig
 
 NAME = "qat"
 

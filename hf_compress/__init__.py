@@ -19,9 +19,21 @@ _EXPORTS = {
     "merge_lora": "hf_compress.pruning.lora",
     "select_modules": "hf_compress.modules",
     "compression_report": "hf_compress.report",
+    "write_model_card": "hf_compress.integration",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def _register_with_transformers():
+    """After `import hf_compress`, AutoModel*.from_pretrained / pipeline load compressed directories
+    (hf_compress.integration); without it stock transformers refuses them."""
+    from .integration import register
+
+    register()
+
+
+_register_with_transformers()
 
 
 def __getattr__(name):

@@ -16,6 +16,17 @@ from torch import nn
 
 META_KEY = "hf_compress"
 
+# called as fn(model) after every `record`: hf_compress.integration registers the one that marks a
+# compressed model's config so that every save path writes a directory stock transformers refuses
+_LISTENERS: list = []
+
+
+def on_record(fn):
+    """Register `fn(model)`, called after each `record` (idempotent). Returns `fn`."""
+    if fn not in _LISTENERS:
+        _LISTENERS.append(fn)
+    return fn
+
 
 def get_metadata(model_or_config) -> dict[str, Any]:
     """A copy of the ``hf_compress`` entry of a model's (or a config's) config; {} when there is none."""
@@ -33,3 +44,5 @@ def record(model: nn.Module, section: str, data: Any) -> None:
         json.dumps(data)  # fail now, not at save time
         meta[section] = data
     setattr(config, META_KEY, meta or None)
+    for fn in _LISTENERS:
+        fn(model)

@@ -4,7 +4,9 @@ Conventions shared by every function here:
 - Teacher targets are *log-probabilities* at temperature T (`teacher_log_probs`), so one teacher, a
   weighted mixture of teachers and cached top-k logits all enter the same divergence code.
 - Divergences are summed over the class (vocabulary) axis, then averaged over the positions that
-  count (`mask`), and scaled by T² so gradient magnitudes do not shrink as T grows (Hinton et al.).
+  count (`mask`) — or summed and divided by a given count (`num_items`: the positions that count in the
+  whole accumulated batch, transformers' `num_items_in_batch`) — and scaled by T² so gradient magnitudes
+  do not shrink as T grows (Hinton et al.).
 - Everything is computed in float32, outside autocast: bf16/fp16 softmax at high temperature
   loses the small probabilities the student is supposed to learn from.
 """
@@ -118,6 +120,13 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def masked_sum(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Sum of `values` over the positions where `mask` is true (all positions without a mask)."""
+    if mask is None:
+        return values.sum()
+    return torch.where(mask, values, torch.zeros_like(values)).sum()
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logp: torch.Tensor,
@@ -126,15 +135,23 @@ def kd_loss(
     beta: float = 0.5,
     mask: torch.Tensor | None = None,
     indices: torch.Tensor | None = None,
+    num_items: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """T² · divergence, averaged over the examples (classification) or the counted positions (tokens).
 
-    `teacher_logp` is over all classes, or over the cached top-k classes named by `indices`.
+    `teacher_logp` is over all classes, or over the cached top-k classes named by `indices`. With
+    `num_items` the divergence is summed over the counted positions and divided by `num_items` instead:
+    the count of the whole accumulated batch, so micro-batches add up to one token mean.
     """
     if kind not in KD_LOSSES:
         raise ValueError(f"kd_loss={kind!r}: choose one of {KD_LOSSES}.")
     logq = student_log_probs(student_logits, temperature, indices, kind)
-    return temperature**2 * masked_mean(divergence(logq, teacher_logp, kind, beta), mask)
+    div = divergence(logq, teacher_logp, kind, beta)
+    if num_items is None:
+        return temperature**2 * masked_mean(div, mask)
+    if mask is not None:
+        mask = mask.bool()
+    return temperature**2 * masked_sum(div, mask) / num_items
 
 
 def causal_shift(logits: torch.Tensor, labels: torch.Tensor | None, attention_mask: torch.Tensor | None):

@@ -1,11 +1,13 @@
 """Teacher preparation: the one place that decides how a teacher is held during distillation.
 
-A teacher is frozen (`requires_grad=False`), in `eval()` mode, run under `torch.no_grad()` by the
-caller, placed on the student's device with the student's mixed-precision policy by
-`accelerator.prepare_model(..., evaluation_mode=True)` — which applies device placement and autocast
-but never wraps the model for gradient synchronisation — and it is never part of what is saved.
-Under FSDP2 it is sharded the way the student is (accelerate's `fsdp2_prepare_model`), so no rank holds
-a full copy.
+A teacher is run under `torch.no_grad()` in `eval()` mode by the caller, placed on the student's
+device with the student's mixed-precision policy by `accelerator.prepare_model(..., evaluation_mode=True)`
+— which applies device placement and autocast but never wraps the model for gradient synchronisation —
+and it is never part of what is saved. `load_teacher` freezes the model it creates (`requires_grad=False`,
+`eval()`); DistillationTrainer passes `freeze=False` and leaves the user's object's flags alone (no_grad
+already keeps gradients and autograd graphs away from it), except under FSDP2, where the teacher is
+sharded in place the way the student is (`accelerate.utils.fsdp2_prepare_model`, so no rank holds a full
+copy) and frozen first, so that sharding keeps its dtype instead of upcasting "trainable" weights to fp32.
 """
 
 from __future__ import annotations
@@ -22,20 +24,44 @@ from ..modules import model_class_for
 LOW_BIT = ("int8", "nf4")
 
 
-def prepare_teacher(teacher: nn.Module, accelerator: Any | None = None) -> nn.Module:
-    """Freeze `teacher` and hand it to `accelerator` for placement and autocast only (no DDP)."""
+def fsdp2_sharder():
+    """accelerate's `fsdp2_prepare_model(accelerator, model)`, the function `Accelerator.prepare` shards the
+    student with (exported from `accelerate.utils`, accelerate ≥ 1.6), or a ValueError saying what to do."""
+    import inspect
+
+    try:
+        from accelerate.utils import fsdp2_prepare_model
+    except ImportError as e:
+        raise ValueError(
+            "FSDP2 distillation shards the teacher with accelerate.utils.fsdp2_prepare_model, which this accelerate "
+            "lacks: install accelerate>=1.6, or use FSDP1 / DDP."
+        ) from e
+    if list(inspect.signature(fsdp2_prepare_model).parameters)[:2] != ["accelerator", "model"]:
+        raise ValueError(
+            "accelerate.utils.fsdp2_prepare_model no longer takes (accelerator, model): this accelerate is newer than "
+            "hf_compress supports under FSDP2; pin accelerate to a 1.x release, or use FSDP1 / DDP."
+        )
+    return fsdp2_prepare_model
+
+
+def prepare_teacher(teacher: nn.Module, accelerator: Any | None = None, freeze: bool = True) -> nn.Module:
+    """Hand `teacher` to `accelerator` for placement and autocast only (no DDP); with `freeze`, first set
+    `eval()` and `requires_grad=False` on it (the caller must run it under `torch.no_grad()` either way)."""
     if not isinstance(teacher, nn.Module):
         raise ValueError(f"teacher_model must be a torch nn.Module (a transformers model), got {type(teacher).__name__}.")
-    teacher.eval()
-    teacher.requires_grad_(False)
+    if freeze:
+        teacher.eval()
+        teacher.requires_grad_(False)
     if accelerator is not None:
         placed = getattr(teacher, "hf_device_map", None) or getattr(teacher, "quantization_method", None)
         if getattr(accelerator, "is_fsdp2", False) and not placed:
             # shard the teacher like the student (same mesh, wrap policy and mixed precision) instead of
-            # holding a full copy on every rank; prepare_model(evaluation_mode=True) would leave it whole
-            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-            return fsdp2_prepare_model(accelerator, teacher)
+            # holding a full copy on every rank; prepare_model(evaluation_mode=True) would leave it whole.
+            # Sharding replaces the teacher's parameters in place, so it is frozen here in any case.
+            shard = fsdp2_sharder()
+            teacher.eval()
+            teacher.requires_grad_(False)
+            return shard(accelerator, teacher)
         teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
         # prepare_model skips placement under FSDP1 (it expects to shard); an unsharded teacher still
         # has to sit where the student's inputs are. Dispatched (device_map) and bitsandbytes models stay put.

@@ -104,6 +104,25 @@ class _DistillationState(TrainerCallback):
         checkpointing.save_state(args, state, STATE_NAME, self.projections.state_dict(), {"config": self.config})
 
 
+class _TeacherModes(TrainerCallback):
+    """Teachers run in eval mode during training and get back the mode the user left them in afterwards."""
+
+    def __init__(self, teachers: list):
+        self.teachers = teachers
+        self.modes: list[bool] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.modes = [t.training for t in self.teachers]
+        for t in self.teachers:
+            t.eval()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.modes is not None:
+            for t, mode in zip(self.teachers, self.modes):
+                t.train(mode)
+        self.modes = None
+
+
 class DistillationTrainer(Trainer):
     """`Trainer` that trains `model` (the student) towards `teacher_model` (one model or a list).
 
@@ -116,7 +135,14 @@ class DistillationTrainer(Trainer):
     With a `train_dataset` made by `cache_teacher_logits`, the cached top-k logits are the soft targets
     and no teacher runs (`teacher_model` may be None). During evaluation the loss is the student's own
     loss, so eval_loss compares with plain fine-tuning and the teacher never runs.
+
+    Gradient accumulation: when the Trainer counts the labelled items of the accumulated batch
+    (`num_items_in_batch`), the CE and KD terms are sums over this micro-batch divided by that count, so
+    uneven micro-batches add up to one mean over the whole batch, as the stock Trainer's loss does.
     """
+
+    # compute_loss returns this micro-batch's share of the step's loss: the Trainer must not divide it again
+    loss_is_scaled_for_ga = True
 
     def __init__(
         self,
@@ -148,7 +174,8 @@ class DistillationTrainer(Trainer):
         self.layer_map = self._validate(student, teachers, cfg, cached)
         if cached and teachers and not cfg.uses_intermediate:
             logger.warning("train_dataset holds cached teacher logits: teacher_model is not run during training.")
-        self.teachers = [prepare_teacher(t, self.accelerator) for t in teachers]
+        # the teacher runs under torch.no_grad(): its requires_grad flags are left as the user set them
+        self.teachers = [prepare_teacher(t, self.accelerator, freeze=False) for t in teachers]
         self._teacher_inputs = [forward_columns(t) - {"labels"} for t in self.teachers]
         if cached:
             keep = None
@@ -157,10 +184,9 @@ class DistillationTrainer(Trainer):
             self.data_collator = CachedLogitsCollator(self.data_collator, keep)
         self.projections = self._make_projections(student)
         self.add_callback(_DistillationState(self.projections, cfg.to_dict()))
-        # our loss is a per-micro-batch mean: let the Trainer divide it by the accumulation steps
-        self.loss_is_scaled_for_ga = False
+        self.add_callback(_TeacherModes(self.teachers))
         self._part_sums: dict[str, torch.Tensor] = {}
-        self._part_count = 0
+        self._part_count = 0.0  # optimizer steps since the last log (each micro-batch adds 1 / accumulation steps)
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -188,6 +214,22 @@ class DistillationTrainer(Trainer):
         for i, t in enumerate(teachers):
             if not isinstance(t, nn.Module) or getattr(_base(t), "config", None) is None:
                 raise ValueError(f"teacher_model[{i}] must be a transformers model (with .config), got {type(t).__name__}.")
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(
+                f"The student (model=, {type(student).__name__}) has no trainable parameter: every parameter has "
+                "requires_grad=False, so there is nothing to train (a copy.deepcopy of a model that was frozen, e.g. "
+                "by an earlier teacher set-up or by PEFT). Call model.requires_grad_(True) before passing it, or add "
+                "trainable adapters."
+            )
+        problem = getattr(student.config, "problem_type", None)
+        if problem in ("multi_label_classification", "regression") or self._multi_hot_labels(student):
+            problem = problem or "multi_label_classification"
+            raise ValueError(
+                f"The student has problem_type={problem!r} (config.problem_type, or float label vectors in "
+                "train_dataset): distillation here matches softmax class distributions, which is only right for "
+                "single-label classification, token-level tasks and language models. Use a single-label head "
+                "(integer labels, problem_type='single_label_classification'), or fine-tune with the plain Trainer."
+            )
         kind, width = _output_width(student)
         if kind == "num_labels" and width < 2:
             raise ValueError(
@@ -230,6 +272,18 @@ class DistillationTrainer(Trainer):
                     logger.info("attention_loss_weight > 0: switching %s to eager attention.", type(m).__name__)
                     m.set_attn_implementation("eager")
         return layer_map
+
+    def _multi_hot_labels(self, student: nn.Module) -> bool:
+        """A sequence classifier whose first training example has a float label vector (BERT-style heads
+        would infer multi-label classification from it at the first forward)."""
+        if _output_width(student)[0] != "num_labels" or self._token_level_head():
+            return False
+        try:
+            row = self.train_dataset[0]
+            labels = torch.as_tensor(row.get("labels", row.get("label")))
+        except Exception:  # iterable or exotic datasets: config.problem_type is the only check
+            return False
+        return labels.dim() >= 1 and labels.is_floating_point()
 
     def _validate_cache(self, kind: str, width: int) -> None:
         row = self.train_dataset[0]
@@ -288,11 +342,20 @@ class DistillationTrainer(Trainer):
             want["output_hidden_states"] = True
         if cfg.attention_loss_weight > 0:
             want["output_attentions"] = True
+        # `count`: the labelled items of the whole accumulated batch (None: per-micro-batch means instead)
+        count = self._global_count(num_items_in_batch, labels)
+        local = None
+        if count is not None and not custom_hard:
+            local = self._local_count(inputs, labels)
+            if self.model_accepts_loss_kwargs:  # models that honour it return 0, not NaN, with nothing to count
+                want["num_items_in_batch"] = local.clamp_min(1)
 
         outputs = model(**student_inputs, **want)
+        want.pop("num_items_in_batch", None)
+        ga = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
         parts: dict[str, torch.Tensor] = {}
         if labels is not None:
-            parts["hard"] = self._hard_loss(outputs, labels)
+            parts["hard"] = self._hard_loss(outputs, labels, num_items_in_batch if count is not None else None, local, count, ga)
         need_soft = labels is None or cfg.alpha > 0
         run_teacher = self.teachers and ((need_soft and not cache) or cfg.uses_intermediate)
         t_outputs = []
@@ -303,13 +366,14 @@ class DistillationTrainer(Trainer):
                 with torch.no_grad():
                     t_outputs.append(t(**{k: v for k, v in inputs.items() if k in accepted}, **want))
         if need_soft:
-            parts["soft"] = self._soft_loss(outputs.logits, t_outputs, cache, labels, inputs.get("attention_mask"))
-        if cfg.uses_intermediate:
+            soft = self._soft_loss(outputs.logits, t_outputs, cache, labels, inputs.get("attention_mask"), count)
+            parts["soft"] = soft * self._world_factor() if count is not None else soft / ga
+        if cfg.uses_intermediate:  # per-micro-batch means over real tokens
             mask = inputs.get("attention_mask")
             if cfg.hidden_loss_weight > 0:
-                parts["hidden"] = self._hidden_loss(outputs.hidden_states, t_outputs[0].hidden_states, mask)
+                parts["hidden"] = self._hidden_loss(outputs.hidden_states, t_outputs[0].hidden_states, mask) / ga
             if cfg.attention_loss_weight > 0:
-                parts["attention"] = self._attention_loss(outputs.attentions, t_outputs[0].attentions, mask)
+                parts["attention"] = self._attention_loss(outputs.attentions, t_outputs[0].attentions, mask) / ga
 
         if labels is None:
             loss = parts["soft"]
@@ -321,29 +385,59 @@ class DistillationTrainer(Trainer):
             loss = loss + cfg.hidden_loss_weight * parts["hidden"]
         if "attention" in parts:
             loss = loss + cfg.attention_loss_weight * parts["attention"]
-        if cfg.check_finite and not bool(torch.isfinite(loss)):
-            self._raise_non_finite(parts)
+        if cfg.check_finite:
+            self._check_finite(loss, parts)
         for name, value in parts.items():
             value = value.detach().float()
             self._part_sums[name] = self._part_sums[name] + value if name in self._part_sums else value
-        self._part_count += 1
+        self._part_count += 1.0 / ga
         if want and return_outputs:  # keep the extra tensors out of what evaluation would treat as logits
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in ("hidden_states", "attentions")})
         return (loss, outputs) if return_outputs else loss
 
-    def _hard_loss(self, outputs, labels: torch.Tensor) -> torch.Tensor:
-        if self.compute_loss_func is not None:
-            return self.compute_loss_func(outputs, labels, num_items_in_batch=None)
-        if self.label_smoother is not None:
-            return self.label_smoother(outputs, labels, shift_labels=self._causal)
-        if getattr(outputs, "loss", None) is None:
-            raise ValueError(
-                f"{type(_base(self.model)).__name__} returned no loss for a batch with labels: the hard (CE) term "
-                "is the model's own loss; use a model class with a task head (e.g. AutoModelForSequenceClassification)."
-            )
-        return outputs.loss
+    # ---- normalisation over the accumulated batch --------------------------------------------------
 
-    def _soft_loss(self, s_logits, t_outputs, cache, labels, attention_mask) -> torch.Tensor:
+    def _global_count(self, num_items_in_batch, labels):
+        """The Trainer's count of labelled items in the accumulated batch (all ranks when
+        average_tokens_across_devices), or None when it gave none: then each part is a micro-batch mean."""
+        if labels is None or num_items_in_batch is None:
+            return None
+        if torch.is_tensor(num_items_in_batch) and num_items_in_batch.dim() != 0:
+            return None  # DataParallel (n_gpu > 1) hands one count per replica: keep per-micro-batch means
+        return num_items_in_batch
+
+    def _local_count(self, inputs, labels) -> torch.Tensor:
+        """This micro-batch's labelled items, counted the way the Trainer counts them (after the causal shift)."""
+        if "shift_labels" in inputs:
+            return inputs["shift_labels"].ne(-100).sum()
+        return (labels[..., 1:] if self._causal else labels).ne(-100).sum()
+
+    def _world_factor(self) -> int:
+        """Like the stock Trainer: with a count summed over ranks, undo the DDP gradient mean."""
+        if not self.args.average_tokens_across_devices:
+            return 1
+        tp = getattr(self, "get_tp_size", lambda: 1)() or 1
+        return max(self.accelerator.num_processes // tp, 1)
+
+    def _hard_loss(self, outputs, labels, num_items_in_batch, local, count, ga) -> torch.Tensor:
+        """CE: the share of the accumulated batch's mean (sum / count), or the micro-batch mean / ga."""
+        scaled = num_items_in_batch is not None
+        if self.compute_loss_func is not None:  # as the stock Trainer: normalised by num_items_in_batch itself
+            loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        elif self.label_smoother is not None:
+            loss = self.label_smoother(outputs, labels, shift_labels=self._causal, num_items_in_batch=num_items_in_batch)
+        else:
+            if getattr(outputs, "loss", None) is None:
+                raise ValueError(
+                    f"{type(_base(self.model)).__name__} returned no loss for a batch with labels: the hard (CE) term "
+                    "is the model's own loss; use a model class with a task head (e.g. AutoModelForSequenceClassification)."
+                )
+            # the model's own loss is a mean over this micro-batch's items (models that ignore
+            # num_items_in_batch, e.g. sequence classifiers, included): turn it into its share of the sum
+            loss = outputs.loss * (local / count) if scaled else outputs.loss
+        return loss * self._world_factor() if scaled else loss / ga
+
+    def _soft_loss(self, s_logits, t_outputs, cache, labels, attention_mask, count=None) -> torch.Tensor:
         cfg = self.distillation_config
         indices = None
         if t_outputs:
@@ -361,7 +455,9 @@ class DistillationTrainer(Trainer):
                 indices = None if indices is None else indices[:, :-1]
             else:
                 mask = L.token_mask(labels, attention_mask)
-        return L.kd_loss(s_logits, t_logp, cfg.kd_loss, cfg.temperature, cfg.beta, mask, indices)
+        elif count is not None:
+            mask = labels.ne(-100)  # classification rows the Trainer counted
+        return L.kd_loss(s_logits, t_logp, cfg.kd_loss, cfg.temperature, cfg.beta, mask, indices, num_items=count)
 
     def _hidden_loss(self, s_hidden, t_hidden, mask) -> torch.Tensor:
         cfg = self.distillation_config
@@ -381,12 +477,42 @@ class DistillationTrainer(Trainer):
             total = total + L.attention_loss(s_attn[s], t_attn[t], mask)
         return total / len(self.layer_map)
 
-    def _raise_non_finite(self, parts: dict[str, torch.Tensor]) -> None:
-        bad = [n for n, v in parts.items() if not bool(torch.isfinite(v))] or ["total"]
+    _PARTS = ("hard", "soft", "hidden", "attention")
+
+    def _check_finite(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """Stop on a NaN/Inf loss on every rank at once: one host sync per micro-batch, and under
+        torch.distributed one small all-reduce, so no rank waits in a collective for one that stopped."""
+        dist = torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world == 1:
+            if not bool(torch.isfinite(loss)):
+                self._raise_non_finite(parts)
+            return
+        # [total, hard, soft, hidden, attention] non-finite on this rank, and the lowest rank that saw one
+        rank = dist.get_rank()
+        flags = [~torch.isfinite(loss.detach())] + [
+            ~torch.isfinite(parts[n].detach()) if n in parts else torch.zeros((), dtype=torch.bool, device=loss.device)
+            for n in self._PARTS
+        ]
+        bad = torch.stack(flags).to(torch.float32)
+        first = torch.where(bad[0] > 0, torch.tensor(float(-rank), device=loss.device), torch.tensor(-float(world), device=loss.device))
+        summary = torch.cat([bad, first.view(1)])
+        dist.all_reduce(summary, op=dist.ReduceOp.MAX)
+        summary = summary.tolist()
+        if summary[0] > 0:
+            names = [n for n, f in zip(self._PARTS, summary[1:5]) if f > 0]
+            self._raise_non_finite(parts, names, int(-summary[5]), world)
+
+    def _raise_non_finite(self, parts: dict[str, torch.Tensor], bad=None, rank=None, world=1) -> None:
+        if bad is None:
+            bad = [n for n, v in parts.items() if not bool(torch.isfinite(v))]
+        bad = bad or ["total"]
         values = {n: float(v.detach()) for n, v in parts.items()}
+        where = f" on rank {rank} of {world}" if world > 1 else ""
+        mine = f" (parts on this rank: {values})" if world > 1 else f" (parts: {values})"
         raise FloatingPointError(
-            f"DistillationTrainer: the {' and '.join(bad)} loss part is NaN/Inf at step {self.state.global_step + 1} "
-            f"(parts: {values}). Lower the learning rate or temperature, check the inputs and the teacher's logits "
+            f"DistillationTrainer: the {' and '.join(bad)} loss part is NaN/Inf at step {self.state.global_step + 1}"
+            f"{where}{mine}. Lower the learning rate or temperature, check the inputs and the teacher's logits "
             "(fp16 overflow?), or set check_finite=False to let the Trainer skip such steps."
         )
 
@@ -396,12 +522,12 @@ class DistillationTrainer(Trainer):
         """Adds `hard_loss`, `soft_loss`, `hidden_loss`, `attention_loss` (means since the last log) to training logs."""
         if "loss" in logs and self._part_count:
             names = sorted(self._part_sums)
-            means = torch.stack([self._part_sums[n] for n in names]) / self._part_count
+            means = torch.stack([self._part_sums[n] for n in names]) / self._part_count  # per optimizer step
             if self.accelerator.num_processes > 1:
                 means = self.accelerator.reduce(means, reduction="mean")
             for name, value in zip(names, means.tolist()):
                 logs[f"{name}_loss"] = value
-            self._part_sums, self._part_count = {}, 0
+            self._part_sums, self._part_count = {}, 0.0
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

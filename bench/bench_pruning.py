@@ -143,7 +143,7 @@ def main(argv=None):
         print(f"  goal {k}: {v}")
     write("pruning", {
         "quick": a.quick, "sizes": sizes, "dense_accuracy": dense_acc, "init": "fine-tuned dense MiniLM (the cached teacher)",
-        "schedule": {"kind": "cubic", "start_step": 0, "end_step": "70% of steps", "frequency": freq},
+        "schedule": {"kind": "cubic", "pruning_start_step": 0, "pruning_end_step": "70% of steps", "frequency": freq},
         "kd": {"temperature": 2.0, "alpha": 0.5, "teacher": "the dense model"},
         "rows": rows, "overhead": overhead, "goals": goals,
     }, a.out)

@@ -58,7 +58,7 @@ pc.save_state = qc.save_state = spy
 
 teacher = tiny_bert(layers=4, hidden=48, heads=4, ffn=96, seed=1)
 student = tiny_bert(layers=2, hidden=32, heads=4, ffn=64, seed=2)
-pruning = PruningCallback(PruningConfig(target_sparsity=0.5, method="movement", start_step=1, end_step=6, frequency=1))
+pruning = PruningCallback(PruningConfig(target_sparsity=0.5, method="movement", pruning_start_step=1, pruning_end_step=6, frequency=1))
 qat = QATCallback(QATConfig(weight_bits=8, activation_bits=8))
 dump = Dump(pruning, qat)
 # different data per rank comes from the distributed sampler; same seed everywhere

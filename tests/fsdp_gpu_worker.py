@@ -20,7 +20,7 @@ def main(out: str) -> None:
     args = TrainingArguments(out, max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3, report_to=[],
                              save_strategy="no", disable_tqdm=True, fsdp="full_shard",
                              fsdp_config={"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]})
-    prune = PruningCallback(PruningConfig(target_sparsity=0.5, frequency=2, end_step=4))
+    prune = PruningCallback(PruningConfig(target_sparsity=0.5, frequency=2, pruning_end_step=4))
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=TokenDataset(64),
                                   distillation_config=DistillationConfig(temperature=2.0, alpha=0.5), callbacks=[prune])
     trainer.train()

@@ -184,7 +184,7 @@ def test_demo_recipe_on_the_real_minilm_small(tmp_path, capsys):
         pytest.skip(f"no SST-2 data in {data_dir()}")
     argv = ["run", str(ROOT / "configs/sst2_minilm.yaml"), f"data_dir={data_dir()}", f"output_dir={tmp_path}",
             "teacher.train.max_steps=8", "teacher.train.warmup_steps=0", "training.max_steps=8",
-            "training.warmup_steps=0", "training.logging_steps=4", "quantization.start_step=4",
+            "training.warmup_steps=0", "training.logging_steps=4", "quantization.qat_start_step=4",
             "data.train_samples=256", "data.eval_samples=64", "report.repeats=2", "report.batch_sizes=[1]"]
     assert main(argv) == 0
     capsys.readouterr()

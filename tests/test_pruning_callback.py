@@ -45,7 +45,7 @@ class Probe(TrainerCallback):
 
 
 def test_sparsity_follows_schedule_and_is_exact_at_end(tmp_path):
-    cfg = PruningConfig(target_sparsity=0.9, schedule="cubic", start_step=2, end_step=8, frequency=2)
+    cfg = PruningConfig(target_sparsity=0.9, schedule="cubic", pruning_start_step=2, pruning_end_step=8, frequency=2)
     model = tiny_bert(seed=0)
     cb = PruningCallback(cfg)
     probe = Probe(cb)
@@ -67,7 +67,7 @@ def test_sparsity_follows_schedule_and_is_exact_at_end(tmp_path):
 
 def test_zeros_survive_adamw_and_its_state_stays_zero(tmp_path):
     # one-shot at step 0, big learning rate and weight decay: nothing may revive a pruned weight
-    cfg = PruningConfig(target_sparsity=0.6, schedule="one_shot", start_step=0, scope="local")
+    cfg = PruningConfig(target_sparsity=0.6, schedule="one_shot", pruning_start_step=0, scope="local")
     trainer, cb = _run(tmp_path, cfg, steps=30, learning_rate=5e-2, weight_decay=0.1, logging_steps=30)
     p = cb.pruner
     opt = trainer.optimizer
@@ -79,7 +79,7 @@ def test_zeros_survive_adamw_and_its_state_stays_zero(tmp_path):
 
 
 def test_two_four_pattern_in_training(tmp_path):
-    cfg = PruningConfig(granularity="2:4", start_step=1, end_step=4, frequency=1, schedule="linear")
+    cfg = PruningConfig(granularity="2:4", pruning_start_step=1, pruning_end_step=4, frequency=1, schedule="linear")
     trainer, cb = _run(tmp_path, cfg, steps=8, logging_steps=8)
     assert cb.config.target_sparsity == 0.5
     for w in cb.pruner.weights:  # nn.Linear (out, in): groups of 4 consecutive inputs
@@ -120,7 +120,7 @@ def test_movement_and_taylor_scores_use_gradients():
 def test_structured_heads_exact_in_units_and_physical(tmp_path):
     model = tiny_llama(layers=2, heads=4, kv_heads=4)
     before = sum(p.numel() for p in model.parameters())
-    cfg = PruningConfig(granularity="heads", target_sparsity=0.5, method="taylor", start_step=1, end_step=4, frequency=1)
+    cfg = PruningConfig(granularity="heads", target_sparsity=0.5, method="taylor", pruning_start_step=1, pruning_end_step=4, frequency=1)
     trainer = Trainer(model=model, args=_args(tmp_path, 6), train_dataset=TokenDataset(32, causal=True), callbacks=[PruningCallback(cfg)])
     trainer.train()
     cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, PruningCallback))
@@ -136,7 +136,7 @@ def _masks(cb):
 
 
 def test_resume_gives_the_same_masks_and_weights(tmp_path):
-    cfg = dict(target_sparsity=0.8, method="movement", start_step=1, end_step=10, frequency=2)
+    cfg = dict(target_sparsity=0.8, method="movement", pruning_start_step=1, pruning_end_step=10, frequency=2)
     common = dict(steps=12, save_strategy="steps", save_steps=5, logging_steps=12)
     full, cb_full = _run(tmp_path / "a", PruningConfig(**cfg), **common)
     ckpt = tmp_path / "a" / "checkpoint-5" / "hf_compress"
@@ -152,7 +152,7 @@ def test_resume_gives_the_same_masks_and_weights(tmp_path):
     with pytest.raises(ValueError, match="different pruning_unstructured config"):
         _run(tmp_path / "a", PruningConfig(**{**cfg, "target_sparsity": 0.5}), resume=str(tmp_path / "a" / "checkpoint-5"), **common)
     # so is a changed run length when the schedule end follows it
-    default_end = {**cfg, "end_step": None}
+    default_end = {**cfg, "pruning_end_step": None}
     _run(tmp_path / "b", PruningConfig(**default_end), **common)
     with pytest.raises(ValueError, match="run length changed"):
         _run(tmp_path / "b", PruningConfig(**default_end), resume=str(tmp_path / "b" / "checkpoint-5"), **{**common, "steps": 20})
@@ -161,7 +161,7 @@ def test_resume_gives_the_same_masks_and_weights(tmp_path):
 def test_lottery_ticket_rewind(tmp_path):
     model = tiny_bert(seed=0)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = PruningConfig(target_sparsity=0.7, start_step=1, end_step=4, frequency=1, rewind_step=0)
+    cfg = PruningConfig(target_sparsity=0.7, pruning_start_step=1, pruning_end_step=4, frequency=1, rewind_step=0)
     cb = PruningCallback(cfg)
 
     class AtEnd(TrainerCallback):  # listed after the pruning callback: sees the rewound weights
@@ -184,7 +184,7 @@ def test_prunes_the_student_inside_distillation_trainer(tmp_path):
     dt = pytest.importorskip("hf_compress.trainers.distillation_trainer")
     teacher, student = tiny_bert(layers=4, seed=1), tiny_bert(layers=2, seed=2)
     t_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
-    cfg = PruningConfig(target_sparsity=0.5, start_step=1, end_step=4, frequency=1)
+    cfg = PruningConfig(target_sparsity=0.5, pruning_start_step=1, pruning_end_step=4, frequency=1)
     cb = PruningCallback(cfg)
     trainer = dt.DistillationTrainer(
         model=student, teacher_model=teacher, args=_args(tmp_path, 6, logging_steps=6),

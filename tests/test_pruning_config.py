@@ -20,11 +20,11 @@ from helpers import TokenDataset, tiny_bert
     (dict(scope="per-layer"), "scope"),
     (dict(scope="local", granularity="layers"), "scope='local' does not apply"),
     (dict(schedule="exp"), "schedule='exp' is unknown"),
-    (dict(start_step=10, end_step=5), "end_step=5 is before start_step=10"),
-    (dict(start_step=-1), "start_step"),
+    (dict(pruning_start_step=10, pruning_end_step=5), "pruning_end_step=5 is before pruning_start_step=10"),
+    (dict(pruning_start_step=-1), "pruning_start_step"),
     (dict(frequency=0), "frequency"),
-    (dict(method="movement", schedule="one_shot"), "start_step >= 1"),
-    (dict(rewind_step=20, end_step=10), "rewind_step=20"),
+    (dict(method="movement", schedule="one_shot"), "pruning_start_step >= 1"),
+    (dict(rewind_step=20, pruning_end_step=10), "rewind_step=20"),
     (dict(granularity="layers", remove_pruned=False), "remove_pruned=True"),
 ])
 def test_bad_config(kwargs, match):
@@ -36,15 +36,15 @@ def test_defaults_and_shorthands():
     assert PruningConfig().target_sparsity == 0.5
     c = PruningConfig(granularity="1:4")
     assert (c.granularity, c.n, c.m, c.target_sparsity) == ("n:m", 1, 4, 0.25)
-    assert PruningConfig(schedule="one_shot", start_step=3).resolve_end(10) == 3
-    assert PruningConfig(start_step=0).resolve_end(100) == 70  # the stated default: 70% of the steps
+    assert PruningConfig(schedule="one_shot", pruning_start_step=3).resolve_end(10) == 3
+    assert PruningConfig(pruning_start_step=0).resolve_end(100) == 70  # the stated default: 70% of the steps
 
 
 def test_usable_with_hf_argument_parser():
     (cfg,) = HfArgumentParser(PruningConfig).parse_args_into_dataclasses(
-        ["--target_sparsity", "0.8", "--granularity", "heads", "--targets", "layer\\.[01]\\.", "--end_step", "40"]
+        ["--target_sparsity", "0.8", "--granularity", "heads", "--pruning_targets", "layer\\.[01]\\.", "--pruning_end_step", "40"]
     )
-    assert cfg.target_sparsity == 0.8 and cfg.granularity == "heads" and cfg.targets == ["layer\\.[01]\\."]
+    assert cfg.target_sparsity == 0.8 and cfg.granularity == "heads" and cfg.pruning_targets == ["layer\\.[01]\\."]
 
 
 def _trainer(tmp_path, cfg, steps=10, model=None):
@@ -54,12 +54,12 @@ def _trainer(tmp_path, cfg, steps=10, model=None):
 
 
 @pytest.mark.parametrize("cfg,match", [
-    (PruningConfig(targets=["decoder\\.nothing"]), "matches no Linear module"),
-    (PruningConfig(end_step=50), "end_step=50 is after the last training step"),
+    (PruningConfig(pruning_targets=["decoder\\.nothing"]), "matches no Linear module"),
+    (PruningConfig(pruning_end_step=50), "end_step=50 is after the last training step"),
     (PruningConfig(granularity="heads", target_sparsity=0.9), "remove 14 of the 16 heads, but at most 12 can go"),
     (PruningConfig(granularity="neurons", scope="local", target_sparsity=0.995), "every layer keeps at least one"),
     (PruningConfig(granularity="layers", target_sparsity=0.9), "the model keeps at least one layer"),
-    (PruningConfig(granularity="heads", targets=["attention\\.self\\.query"]), "cover no complete heads unit"),
+    (PruningConfig(granularity="heads", pruning_targets=["attention\\.self\\.query"]), "cover no complete heads unit"),
 ])
 def test_bad_input_fails_when_the_trainer_is_built(tmp_path, cfg, match):
     # tiny_bert: 4 layers x 4 heads, FFN 64

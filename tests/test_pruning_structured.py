@@ -145,7 +145,7 @@ def test_save_model_load_pretrained_nonuniform(arch, tmp_path):
     model = MODELS[arch]()
     batch = _batch()
     before = _params(model)
-    cfg = PruningConfig(granularity="heads", target_sparsity=0.5, scope="global", frequency=1, end_step=3)
+    cfg = PruningConfig(granularity="heads", target_sparsity=0.5, scope="global", frequency=1, pruning_end_step=3)
     trainer, cb = _train(model, tmp_path, cfg)
     cb_neurons = Pruner(model, granularity="neurons")  # a second, non-uniform cut of the trained model
     cb_neurons.update(0.4)
@@ -188,7 +188,7 @@ def test_heads_pruned_then_int8_export_reloads(tmp_path):
     batch = _batch()
     args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=5,
                              per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True)
-    prune = PruningCallback(PruningConfig(granularity="neurons", target_sparsity=0.5, end_step=3, frequency=1))
+    prune = PruningCallback(PruningConfig(granularity="neurons", target_sparsity=0.5, pruning_end_step=3, frequency=1))
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(32),
                       callbacks=[prune, qat.QATCallback(QATConfig(weight_bits=8, export="torch-int8"))])
     trainer.train()

@@ -65,12 +65,12 @@ def test_parameters_stay_in_optimizer_and_train(tmp_path):
     model = tiny_bert(seed=0, layers=2)
     before = {n: p for n, p in model.named_parameters()}
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cb = QATCallback(QATConfig(weight_bits=8, activation_bits=8, start_step=2))
+    cb = QATCallback(QATConfig(weight_bits=8, activation_bits=8, qat_start_step=2))
     probe = Probe(cb)
     trainer = Trainer(model=model, args=_args(tmp_path, 6), train_dataset=TokenDataset(48, seed=1), callbacks=[cb, probe])
     opt_params = None
     trainer.train()
-    assert probe.steps[1]["n_fake"] == 0 and probe.steps[2]["n_fake"] == 0  # float training before start_step
+    assert probe.steps[1]["n_fake"] == 0 and probe.steps[2]["n_fake"] == 0  # float training before qat_start_step
     assert probe.steps[3]["n_fake"] == 12 and all(probe.steps[s]["in_optimizer"] for s in range(3, 7))
     assert {n: p for n, p in model.named_parameters()} == before  # the same Parameter objects throughout
     held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
@@ -126,7 +126,7 @@ def test_what_was_trained_is_what_ships(tmp_path, kw, tol):
 
 
 def test_logs_fraction_and_ranges(tmp_path):
-    trainer, _ = _run(tmp_path, QATConfig(activation_bits=8, observer="percentile", start_step=2), steps=6, logging_steps=2)
+    trainer, _ = _run(tmp_path, QATConfig(activation_bits=8, observer="percentile", qat_start_step=2), steps=6, logging_steps=2)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs[0]["qat/fake_quant_fraction"] == 0.0  # step 2: not started yet
     # all 12 block Linears; not the pooler nor the head
@@ -199,7 +199,7 @@ def test_gpt2_conv1d_qat_and_int8_export(tmp_path):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_pruned_zeros_stay_zero_with_qat(tmp_path, symmetric):
     model = tiny_bert(seed=0, layers=2)
-    prune = PruningCallback(PruningConfig(target_sparsity=0.6, schedule="one_shot", start_step=0))
+    prune = PruningCallback(PruningConfig(target_sparsity=0.6, schedule="one_shot", pruning_start_step=0))
     _run(tmp_path, QATConfig(weight_bits=8, symmetric=symmetric), model=model, before=[prune], steps=4)
     for name in prune.pruner.names:
         w = model.get_submodule(name).weight
@@ -219,9 +219,9 @@ def test_bf16_autocast_training(tmp_path):
 
 
 def test_bad_input_fails_when_the_trainer_is_built(tmp_path):
-    with pytest.raises(ValueError, match="targets"):
+    with pytest.raises(ValueError, match="qat_targets"):
         Trainer(model=tiny_bert(), args=_args(tmp_path, 2), train_dataset=TokenDataset(8),
-                callbacks=[QATCallback(QATConfig(targets=["nothing_matches"]))])
+                callbacks=[QATCallback(QATConfig(qat_targets=["nothing_matches"]))])
     with pytest.raises(ValueError, match="group_size.*does not divide"):
         Trainer(model=tiny_bert(hidden=48, heads=4, ffn=96), args=_args(tmp_path, 2), train_dataset=TokenDataset(8),
                 callbacks=[QATCallback(QATConfig(weight_bits=4, group_size=32))])

@@ -463,9 +463,9 @@ def test_ptq_export_torch_int8():
     (dict(observer="histogram"), "observer"),
     (dict(percentile=40), "percentile"),
     (dict(averaging=0), "averaging"),
-    (dict(start_step=-1), "start_step"),
-    (dict(start_step=5, freeze_observers_step=5), "freeze_observers_step"),
-    (dict(targets=["(unclosed"]), "targets"),
+    (dict(qat_start_step=-1), "qat_start_step"),
+    (dict(qat_start_step=5, freeze_observers_step=5), "freeze_observers_step"),
+    (dict(qat_targets=["(unclosed"]), "qat_targets"),
     (dict(layer_bits={"attention": 3.5}), "layer_bits"),
     (dict(layer_bits={"(": 4}), "layer_bits"),
     (dict(layer_bits="attention"), "layer_bits"),
@@ -488,15 +488,15 @@ def test_config_parsing_and_defaults():
     from transformers import HfArgumentParser
 
     (parsed,) = HfArgumentParser(QATConfig).parse_args_into_dataclasses(
-        ["--weight_bits", "4", "--group_size", "16", "--targets", "query", "value", "--export", "none"]
+        ["--weight_bits", "4", "--group_size", "16", "--qat_targets", "query", "value", "--export", "none"]
     )
-    assert parsed.targets == ["query", "value"] and parsed.export is None and parsed.group_size == 16
+    assert parsed.qat_targets == ["query", "value"] and parsed.export is None and parsed.group_size == 16
 
 
 def test_plan_bad_model_input():
     model = tiny_bert()  # hidden 32, ffn 64
-    with pytest.raises(ValueError, match="targets"):
-        build_plan(model, QATConfig(targets=["no_such_layer"]))
+    with pytest.raises(ValueError, match="qat_targets"):
+        build_plan(model, QATConfig(qat_targets=["no_such_layer"]))
     with pytest.raises(ValueError, match="group_size.*does not divide.*32"):
         build_plan(model, QATConfig(weight_bits=4, group_size=24))
     with pytest.raises(ValueError, match="calib_dataloader"):

@@ -30,8 +30,8 @@ class StopAt(TrainerCallback):
 def run(out, stop=None, resume=None, sparsity=0.5):
     teacher = tiny_bert(layers=4, hidden=48, ffn=96, seed=1)
     student = tiny_bert(layers=2, seed=2 if resume is None else 99)  # resumed weights must come from the checkpoint
-    pruning = PruningCallback(PruningConfig(target_sparsity=sparsity, method="movement", start_step=1, end_step=6, frequency=1))
-    qat = QATCallback(QATConfig(weight_bits=8, activation_bits=8, observer="moving_average", start_step=2))
+    pruning = PruningCallback(PruningConfig(target_sparsity=sparsity, method="movement", pruning_start_step=1, pruning_end_step=6, frequency=1))
+    qat = QATCallback(QATConfig(weight_bits=8, activation_bits=8, observer="moving_average", qat_start_step=2))
     args = TrainingArguments(
         output_dir=str(out), use_cpu=True, report_to=[], max_steps=8, per_device_train_batch_size=8,
         learning_rate=1e-3, save_strategy="steps", save_steps=4, logging_steps=4, disable_tqdm=True, seed=0,

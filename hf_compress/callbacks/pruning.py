@@ -45,7 +45,7 @@ class PruningCallback(TrainerCallback):
         model = unwrap(model)
         if self.pruner is None or not self.pruner.same_model(model):
             c = self.config
-            self.pruner = Pruner(model, c.method, c.granularity, c.scope, c.n, c.m, c.targets, c.exclude)
+            self.pruner = Pruner(model, c.method, c.granularity, c.scope, c.n, c.m, c.pruning_targets, c.pruning_exclude)
             self.pruner.check_target(c.target_sparsity)
         return self.pruner
 
@@ -53,7 +53,7 @@ class PruningCallback(TrainerCallback):
         """The schedule's sparsity after `step` optimizer steps (needs the run length: set at train begin)."""
         c = self.config
         end = self.end if self.end is not None else c.resolve_end(0)
-        return sparsity_at(step, c.target_sparsity, c.start_step, end, c.frequency, c.schedule)
+        return sparsity_at(step, c.target_sparsity, c.pruning_start_step, end, c.frequency, c.schedule)
 
     def _state(self) -> dict:
         tensors = dict(self.pruner.state_dict())
@@ -80,7 +80,7 @@ class PruningCallback(TrainerCallback):
                 raise ValueError(
                     f"Resuming from {ckpt}: its pruning schedule ends at step {meta['end_step']}, this run's at "
                     f"{self.end}: the run length changed. Resume with the same max_steps / num_train_epochs (or give "
-                    "end_step explicitly in both runs)."
+                    "pruning_end_step explicitly in both runs)."
                 )
             pruner.load_state_dict(tensors)
             if f"rewind.{pruner.names[0]}" in tensors:
@@ -93,7 +93,7 @@ class PruningCallback(TrainerCallback):
             if pruner.needs_grads:
                 raise ValueError(
                     f"PruningConfig: method={c.method!r} needs gradients before its first mask, but the schedule "
-                    "prunes at step 0: set start_step >= 1 or end_step > start_step."
+                    "prunes at step 0: set pruning_start_step >= 1 or pruning_end_step > pruning_start_step."
                 )
             pruner.update(s0)
 
@@ -102,7 +102,7 @@ class PruningCallback(TrainerCallback):
         nxt = state.global_step + 1  # steps completed once this optimizer step is done
         if nxt <= self.end:
             p.accumulate()
-            if is_update_step(nxt, c.start_step, self.end, c.frequency, c.schedule):
+            if is_update_step(nxt, c.pruning_start_step, self.end, c.frequency, c.schedule):
                 p.update(self.sparsity_at(nxt))
         p.mask_grads()
 

@@ -3,7 +3,7 @@
 Event by event (public TrainerCallback events only):
 - on_init_end: select the targeted layers and check them against the config (targets matching
   nothing, group sizes not dividing a width) — bad input fails when the Trainer is built.
-- on_train_begin (or on_step_begin of `start_step`): fake quantisation goes into the targeted layers
+- on_train_begin (or on_step_begin of `qat_start_step`): fake quantisation goes into the targeted layers
   in place. The Trainer built its optimizer before this event, and that is fine: the layers keep their
   `weight` / `bias` Parameter objects, so the optimizer updates the float master weights. On resume,
   the observers' ranges come back from the checkpoint (a different config is refused).
@@ -86,7 +86,7 @@ class QATCallback(TrainerCallback):
         meta = None
         if ckpt is not None:
             tensors, meta = load_state(ckpt, NAME, config=self.config.to_dict())
-        if state.global_step >= self.config.start_step:
+        if state.global_step >= self.config.qat_start_step:
             self._activate(model, state.global_step)
         if meta is not None and meta.get("active"):
             dev = next(model.parameters()).device
@@ -94,7 +94,7 @@ class QATCallback(TrainerCallback):
                 obs.load_state({k: tensors[f"{name}.{k}"].to(dev) for k in ("lo", "hi", "initialized")})
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if self.model is not None and state.global_step >= self.config.start_step and not self.active:
+        if self.model is not None and state.global_step >= self.config.qat_start_step and not self.active:
             self._activate(self.model, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -267,6 +267,9 @@ def build_section(cls, values: Any, where: str):
         raise ValueError(f"recipe: `{where}` must be a mapping of keys to values, got {type(values).__name__} {values!r}.")
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in values:
+        if key in getattr(cls, "renamed_fields", {}):  # e.g. pruning.targets -> pruning.pruning_targets
+            raise ValueError(f"recipe: `{where}.{key}` is now `{where}.{cls.renamed_fields[key]}` (field names are unique "
+                             f"across TrainingArguments and the hf_compress configs): rename the key.")
         if key not in valid:
             raise ValueError(unknown_key_message(where, key, valid, cls.__name__))
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -10,7 +11,12 @@ from .masks import GRANULARITIES, STRUCTURED
 from .schedules import SCHEDULES
 from .scores import METHODS, NEEDS_GRADS
 
-DEFAULT_END_FRACTION = 0.7  # without end_step the target is reached at 70% of training; the rest recovers
+DEFAULT_END_FRACTION = 0.7  # without pruning_end_step the target is reached at 70% of training; the rest recovers
+# Field names are unique across TrainingArguments, DistillationConfig, PruningConfig and QATConfig (one
+# HfArgumentParser takes all four): the module-selection and schedule-window fields carry the technique's
+# prefix. The old names are refused with the new one.
+RENAMED = {"targets": "pruning_targets", "exclude": "pruning_exclude", "start_step": "pruning_start_step",
+           "end_step": "pruning_end_step"}
 
 
 @dataclass
@@ -40,24 +46,24 @@ class PruningConfig:
     schedule: str = field(
         default="cubic",
         metadata={"help": f"Sparsity over steps, one of {SCHEDULES}: cubic (Zhu & Gupta 2017), linear, or "
-                          "one_shot (all at start_step)."},
+                          "one_shot (all at pruning_start_step)."},
     )
-    start_step: int = field(default=0, metadata={"help": "Optimizer step at which pruning starts."})
-    end_step: Optional[int] = field(
+    pruning_start_step: int = field(default=0, metadata={"help": "Optimizer step at which pruning starts."})
+    pruning_end_step: Optional[int] = field(
         default=None,
         metadata={"help": f"Step at which target_sparsity is reached (masks fixed from then on). Default: "
-                          f"{DEFAULT_END_FRACTION:.0%} of the training steps."},
+                          f"{DEFAULT_END_FRACTION:g} x the training steps."},
     )
     frequency: int = field(default=10, metadata={"help": "Steps between mask updates while the schedule runs."})
-    targets: Optional[list[str]] = field(
+    pruning_targets: Optional[list[str]] = field(
         default=None,
         metadata={"help": "Regexes (re.search) on module names to prune. Default: the Linear layers inside the "
                           "transformer blocks (embeddings, norms and the task head stay dense)."},
     )
-    exclude: Optional[list[str]] = field(default=None, metadata={"help": "Regexes of module names never pruned."})
+    pruning_exclude: Optional[list[str]] = field(default=None, metadata={"help": "Regexes of module names never pruned."})
     rewind_step: Optional[int] = field(
         default=None,
-        metadata={"help": "Lottery-ticket rewinding (Frankle & Carbin 2019): when the final mask is set (end_step), "
+        metadata={"help": "Lottery-ticket rewinding (Frankle & Carbin 2019): when the final mask is set (pruning_end_step), "
                           "surviving weights go back to their values at this step and train on with a fresh "
                           "optimizer state. None disables it."},
     )
@@ -104,36 +110,36 @@ class PruningConfig:
                              "against each other): use scope='global'.")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"PruningConfig.schedule={self.schedule!r} is unknown: use one of {SCHEDULES}.")
-        for name in ("start_step", "frequency"):
+        for name in ("pruning_start_step", "frequency"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (1 if name == "frequency" else 0):
                 raise ValueError(f"PruningConfig.{name}={v!r} must be an integer >= {1 if name == 'frequency' else 0}.")
-        if self.end_step is not None and (not isinstance(self.end_step, int) or self.end_step < self.start_step):
+        if self.pruning_end_step is not None and (not isinstance(self.pruning_end_step, int) or self.pruning_end_step < self.pruning_start_step):
             raise ValueError(
-                f"PruningConfig.end_step={self.end_step!r} is before start_step={self.start_step}: "
-                "end_step must be >= start_step."
+                f"PruningConfig.pruning_end_step={self.pruning_end_step!r} is before pruning_start_step={self.pruning_start_step}: "
+                "pruning_end_step must be >= pruning_start_step."
             )
-        if self.schedule == "one_shot" and self.start_step == 0 and self.method in NEEDS_GRADS:
+        if self.schedule == "one_shot" and self.pruning_start_step == 0 and self.method in NEEDS_GRADS:
             raise ValueError(
                 f"PruningConfig: method={self.method!r} scores come from gradients, so one-shot pruning cannot happen at "
-                "start_step=0: set start_step >= 1 (steps to collect scores) or use method='magnitude'."
+                "pruning_start_step=0: set pruning_start_step >= 1 (steps to collect scores) or use method='magnitude'."
             )
         if self.rewind_step is not None:
-            last = self.start_step if self.schedule == "one_shot" else self.end_step
+            last = self.pruning_start_step if self.schedule == "one_shot" else self.pruning_end_step
             if not isinstance(self.rewind_step, int) or self.rewind_step < 0 or (last is not None and self.rewind_step >= last):
                 raise ValueError(
                     f"PruningConfig.rewind_step={self.rewind_step!r} must be an integer >= 0 and before the step "
-                    f"the final mask is set ({'start_step' if self.schedule == 'one_shot' else 'end_step'}={last})."
+                    f"the final mask is set ({'pruning_start_step' if self.schedule == 'one_shot' else 'pruning_end_step'}={last})."
                 )
         if self.granularity == "layers" and not self.remove_pruned:
             raise ValueError(
                 "PruningConfig: granularity='layers' needs remove_pruned=True — a pruned layer is skipped by a "
                 "forward hook while training, which a saved model would not keep."
             )
-        if self.targets is not None and isinstance(self.targets, str):
-            self.targets = [self.targets]
-        if self.exclude is not None and isinstance(self.exclude, str):
-            self.exclude = [self.exclude]
+        if self.pruning_targets is not None and isinstance(self.pruning_targets, str):
+            self.pruning_targets = [self.pruning_targets]
+        if self.pruning_exclude is not None and isinstance(self.pruning_exclude, str):
+            self.pruning_exclude = [self.pruning_exclude]
 
     @property
     def structured(self) -> bool:
@@ -147,13 +153,13 @@ class PruningConfig:
     def resolve_end(self, max_steps: int) -> int:
         """The step at which the target is reached, for a run of `max_steps` optimizer steps."""
         if self.schedule == "one_shot":
-            end = self.start_step
-        elif self.end_step is not None:
-            end = self.end_step
+            end = self.pruning_start_step
+        elif self.pruning_end_step is not None:
+            end = self.pruning_end_step
         else:
-            end = max(self.start_step, round(DEFAULT_END_FRACTION * max_steps))
+            end = max(self.pruning_start_step, round(DEFAULT_END_FRACTION * max_steps))
         if max_steps > 0 and end > max_steps:
-            what = "start_step" if self.schedule == "one_shot" or self.end_step is None else "end_step"
+            what = "pruning_start_step" if self.schedule == "one_shot" or self.pruning_end_step is None else "pruning_end_step"
             raise ValueError(
                 f"PruningConfig: {what}={end} is after the last training step ({max_steps}), so target_sparsity would "
                 f"never be reached: lower it or train longer."
@@ -164,3 +170,26 @@ class PruningConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def refuse_renamed(cls, renamed: dict[str, str]):
+    """Wrap `cls.__init__` so an old field name fails with its new name (not a bare 'unexpected keyword')."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        old = [k for k in kwargs if k in renamed]
+        if old:
+            raise TypeError(
+                f"{cls.__name__}: " + ", ".join(f"`{k}` is now `{renamed[k]}`" for k in old) + " (field names are "
+                "unique across TrainingArguments and the hf_compress configs, so one HfArgumentParser parses them "
+                "all): rename " + ", ".join(f"{k}= to {renamed[k]}=" for k in old) + "."
+            )
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    cls.renamed_fields = dict(renamed)  # old name -> new name (the recipe loader names the new key too)
+    return cls
+
+
+refuse_renamed(PruningConfig, RENAMED)

@@ -51,7 +51,7 @@ class Pruner:
             raise ValueError(f"`granularity`={granularity!r} is not one of {GRANULARITIES}.")
         self.model = unwrap(model)
         self.method, self.granularity, self.scope, self.n, self.m = method, granularity, scope, n, m
-        selected = select_modules(self.model, targets, exclude)
+        selected = select_modules(self.model, targets, exclude, field="pruning_targets")
         check_plain(selected)
         self.groups = []
         if granularity in STRUCTURED and any(".base_layer" in x for x in selected):
@@ -64,7 +64,7 @@ class Pruner:
             self.groups = [g for g in unit_groups(self.model, granularity) if all(p in selected for p, _ in g.parts)]
             if not self.groups:
                 raise ValueError(
-                    f"`targets`={targets!r} / `exclude`={exclude!r} cover no complete {granularity} unit: "
+                    f"`pruning_targets`={targets!r} / `pruning_exclude`={exclude!r} cover no complete {granularity} unit: "
                     f"structured pruning needs every Linear of a unit selected (e.g. all of a layer's attention "
                     f"projections for heads). Selected: {list(selected)[:6]}..."
                 )

@@ -28,7 +28,7 @@ def init_scores(weights: list[torch.Tensor], method: str, names: list[str] | Non
         raise ValueError(
             f"PruningConfig.method={method!r} scores weights by their gradients, but {len(frozen)} of the "
             f"{len(weights)} targeted weights are frozen (requires_grad=False){which}, as the base weights of a "
-            "PEFT/LoRA model are: use method='magnitude', or leave them out with `exclude`, or unfreeze them."
+            "PEFT/LoRA model are: use method='magnitude', or leave them out with `pruning_exclude`, or unfreeze them."
         )
     return [torch.zeros_like(w, dtype=torch.float32) for w in weights]
 

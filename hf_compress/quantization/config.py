@@ -3,6 +3,7 @@ before training starts."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -15,6 +16,10 @@ from .plan import scheme_for_bits
 
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 FORMATS = ("int", "nf4")
+# Field names are unique across TrainingArguments, DistillationConfig, PruningConfig and QATConfig (one
+# HfArgumentParser takes all four): the module-selection and schedule-window fields carry the technique's
+# prefix. The old names are refused with the new one.
+RENAMED = {"targets": "qat_targets", "exclude": "qat_exclude", "start_step": "qat_start_step"}
 
 
 def _parse_layer_bits(value) -> dict[str, int] | None:
@@ -84,23 +89,23 @@ class QATConfig:
     averaging: float = field(
         default=0.01, metadata={"help": "moving_average / percentile observers: weight of each new step, in (0, 1]."}
     )
-    targets: Optional[list[str]] = field(
+    qat_targets: Optional[list[str]] = field(
         default=None,
         metadata={"help": "Regexes (re.search) of Linear module names to quantise. Default: the Linear layers "
                           "inside the transformer blocks (embeddings, LayerNorm and the task head stay float)."},
     )
-    exclude: Optional[list[str]] = field(default=None, metadata={"help": "Regexes of module names kept in float."})
+    qat_exclude: Optional[list[str]] = field(default=None, metadata={"help": "Regexes of module names kept in float."})
     layer_bits: Optional[Union[dict, str]] = field(
         default=None,
         metadata={"help": "Mixed precision: {regex: bits}; the first regex matching a layer name sets its bits "
                           "(others use weight_bits). On the command line: 'regex=bits,regex=bits' or JSON."},
     )
-    start_step: int = field(
+    qat_start_step: int = field(
         default=0, metadata={"help": "Optimizer step at which fake quantisation starts (float training before)."}
     )
     freeze_observers_step: Optional[int] = field(
         default=None,
-        metadata={"help": "Step from which activation ranges stop moving (must be > start_step). None: never."},
+        metadata={"help": "Step from which activation ranges stop moving (must be > qat_start_step). None: never."},
     )
     export: Optional[str] = field(
         default=None,
@@ -162,13 +167,13 @@ class QATConfig:
             bad("percentile", "use a number in (50, 100], e.g. 99.99.")
         if isinstance(self.averaging, bool) or not isinstance(self.averaging, (int, float)) or not 0 < self.averaging <= 1:
             bad("averaging", "use a number in (0, 1], e.g. 0.01.")
-        if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
-            bad("start_step", "use an integer >= 0.")
+        if isinstance(self.qat_start_step, bool) or not isinstance(self.qat_start_step, int) or self.qat_start_step < 0:
+            bad("qat_start_step", "use an integer >= 0.")
         if self.freeze_observers_step is not None and (
-            not isinstance(self.freeze_observers_step, int) or self.freeze_observers_step <= self.start_step
+            not isinstance(self.freeze_observers_step, int) or self.freeze_observers_step <= self.qat_start_step
         ):
-            bad("freeze_observers_step", f"use an integer > start_step={self.start_step} (or None: never freeze).")
-        for name in ("targets", "exclude"):
+            bad("freeze_observers_step", f"use an integer > qat_start_step={self.qat_start_step} (or None: never freeze).")
+        for name in ("qat_targets", "qat_exclude"):
             v = getattr(self, name)
             if isinstance(v, str):
                 setattr(self, name, [v])
@@ -194,3 +199,26 @@ class QATConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def refuse_renamed(cls, renamed: dict[str, str]):
+    """Wrap `cls.__init__` so an old field name fails with its new name (not a bare 'unexpected keyword')."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        old = [k for k in kwargs if k in renamed]
+        if old:
+            raise TypeError(
+                f"{cls.__name__}: " + ", ".join(f"`{k}` is now `{renamed[k]}`" for k in old) + " (field names are "
+                "unique across TrainingArguments and the hf_compress configs, so one HfArgumentParser parses them "
+                "all): rename " + ", ".join(f"{k}= to {renamed[k]}=" for k in old) + "."
+            )
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    cls.renamed_fields = dict(renamed)  # old name -> new name (the recipe loader names the new key too)
+    return cls
+
+
+refuse_renamed(QATConfig, RENAMED)

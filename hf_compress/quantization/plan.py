@@ -96,11 +96,11 @@ def in_features(module: nn.Module) -> int:
 
 
 def build_plan(model: nn.Module, config) -> dict[str, LayerPlan]:
-    """{layer name: LayerPlan} for the Linear layers selected by `targets` / `exclude`.
+    """{layer name: LayerPlan} for the Linear layers selected by `qat_targets` / `qat_exclude`.
 
     Raises ValueError when nothing matches or a group size does not tile a layer's input width.
     """
-    chosen = select_modules(model, field_of(config, "targets"), field_of(config, "exclude"), field="targets")
+    chosen = select_modules(model, field_of(config, "qat_targets"), field_of(config, "qat_exclude"), field="qat_targets")
     act = act_scheme(config)
     plan = {}
     for name, module in chosen.items():

@@ -1,0 +1,281 @@
+"""Compressed models leave the library (issue 14): after `import hf_compress` the Auto classes and
+`pipeline` return the same model as `load_pretrained`; plain transformers (a subprocess that never imports
+hf_compress) refuses every directory whose structure or weight format it cannot rebuild, naming hf_compress;
+models stock transformers rebuilds exactly stay stock directories."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertTokenizer,
+    Trainer,
+    TrainingArguments,
+    pipeline,
+)
+
+import hf_compress
+from hf_compress import PruningCallback, PruningConfig, QATConfig, load_pretrained, quantize_model
+from hf_compress.integration import MODEL_TYPE
+from hf_compress.pruning import Pruner, remove_pruned, structure
+from hf_compress.quantization import get_backend
+from helpers import VOCAB, TokenDataset, tiny_bert, tiny_gpt2, tiny_llama
+
+
+def _inputs(n=6, seed=3):
+    d = TokenDataset(n, 12, seed=seed)
+    return {"input_ids": d.ids, "attention_mask": d.mask}
+
+
+def _logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _nonuniform(model, *kinds, amount=0.5):
+    for kind in kinds:
+        Pruner(model, granularity=kind, scope="global").update(amount)
+    remove_pruned(model)
+    return model
+
+
+def _bnb(export):
+    reason = get_backend(export).unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+# name -> (builder of the compressed live model, Auto class, stock transformers must refuse it)
+CASES = {
+    "int8": (lambda: quantize_model(tiny_bert(hidden=64, ffn=128), QATConfig(export="torch-int8")),
+             AutoModelForSequenceClassification, True),
+    "int4-in-int8": (lambda: quantize_model(tiny_bert(hidden=64, ffn=128), QATConfig(export="torch-int8", weight_bits=4)),
+                     AutoModelForSequenceClassification, True),
+    "bnb-int8": (lambda: (_bnb("bnb-int8"), quantize_model(tiny_bert(hidden=64, ffn=128), QATConfig(export="bnb-int8")))[1],
+                 AutoModelForSequenceClassification, True),
+    "bnb-nf4": (lambda: (_bnb("bnb-nf4"), quantize_model(
+        tiny_bert(hidden=64, ffn=128), QATConfig(export="bnb-nf4", weight_bits=4, weight_format="nf4", group_size=64)))[1],
+        AutoModelForSequenceClassification, True),
+    "bert-heads-neurons": (lambda: _nonuniform(tiny_bert(layers=4), "heads", "neurons"),
+                           AutoModelForSequenceClassification, True),
+    "llama-heads-neurons": (lambda: _nonuniform(tiny_llama(layers=3, heads=4, kv_heads=2), "heads", "neurons"),
+                            AutoModelForCausalLM, True),
+    "gpt2-neurons": (lambda: _nonuniform(tiny_gpt2(layers=3), "neurons", amount=0.4), AutoModelForCausalLM, True),
+    "bert-heads-uniform": (lambda: (lambda m: (Pruner(m, granularity="heads").update(0.5), remove_pruned(m), m)[2])(tiny_bert()),
+                           AutoModelForSequenceClassification, True),  # BERT's config cannot shrink heads
+    "bert-heads+int8": (lambda: quantize_model(_nonuniform(tiny_bert(layers=3, hidden=64, ffn=128), "heads", "neurons"),
+                                               QATConfig(export="torch-int8")),
+                        AutoModelForSequenceClassification, True),
+    # stock transformers rebuilds these exactly: they stay plain directories
+    "bert-layers": (lambda: _nonuniform(tiny_bert(layers=4), "layers"), AutoModelForSequenceClassification, False),
+    "llama-heads-uniform": (lambda: (lambda m: (Pruner(m, granularity="heads").update(0.5), remove_pruned(m), m)[2])(
+        tiny_llama(layers=2, heads=4, kv_heads=2)), AutoModelForCausalLM, False),
+    "int8-on-grid-float": (lambda: quantize_model(tiny_bert(), QATConfig(weight_bits=8)),  # fake-quantised floats
+                           AutoModelForSequenceClassification, False),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """{case: (live model, directory)} built once; cases whose backend cannot run here are left out."""
+    out = {}
+    for name, (build, _, _) in CASES.items():
+        try:
+            model = build()
+        except pytest.skip.Exception:
+            continue
+        d = tmp_path_factory.mktemp(name)
+        model.save_pretrained(d)
+        out[name] = (model, d)
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_auto_class_returns_load_pretrained_model(case, exported):
+    if case not in exported:
+        pytest.skip(f"{case}: backend unavailable here")
+    model, d = exported[case]
+    auto, refuse = CASES[case][1], CASES[case][2]
+    cfg = json.loads((d / "config.json").read_text())
+    assert (cfg["model_type"] == MODEL_TYPE) is refuse, cfg["model_type"]
+    batch = _inputs()
+    ref = load_pretrained(d)
+    got = auto.from_pretrained(d)
+    assert type(got) is type(ref)
+    # the same modules (low-bit layers, pruned shapes) and the same logits, bit for bit
+    assert [(n, type(m)) for n, m in got.named_modules()] == [(n, type(m)) for n, m in ref.named_modules()]
+    assert {k: v.shape for k, v in got.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert torch.equal(_logits(got, batch), _logits(ref, batch))
+    torch.testing.assert_close(_logits(got, batch), _logits(model, batch), rtol=1e-5, atol=1e-5)
+    if "pruning" in cfg["hf_compress"] and "heads" in cfg["hf_compress"]["pruning"]:
+        assert structure(got) == structure(model)
+    # re-saving the loaded model writes a directory that loads the same again
+    again_dir = d.parent / f"{d.name}-again"
+    got.save_pretrained(again_dir)
+    assert json.loads((again_dir / "config.json").read_text())["model_type"] == cfg["model_type"]
+    assert torch.equal(_logits(auto.from_pretrained(again_dir), batch), _logits(ref, batch))
+
+
+def test_base_model_auto_class_loads_head_checkpoint(exported):
+    model, d = exported["bert-heads+int8"]
+    base = AutoModel.from_pretrained(d)
+    ref = load_pretrained(d)
+    batch = _inputs()
+    with torch.no_grad():
+        assert torch.equal(base(**batch).last_hidden_state, ref.bert(**batch).last_hidden_state)
+
+
+def _tokenizer(tmp_path):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB - 5)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizer(vocab_file=str(tmp_path / "vocab.txt"))
+
+
+@pytest.mark.parametrize("case", ["int8", "bert-heads+int8", "bnb-nf4"])
+def test_pipeline_matches_load_pretrained(case, exported, tmp_path):
+    if case not in exported:
+        pytest.skip(f"{case}: backend unavailable here")
+    _, d = exported[case]
+    _tokenizer(tmp_path).save_pretrained(d)
+    texts = ["w1 w5 w9 w20", "w3 w3 w70 w2 w11 w40"]
+    pipe = pipeline("text-classification", model=str(d), top_k=None)
+    ref = load_pretrained(d)
+    assert [type(m) for m in pipe.model.modules()] == [type(m) for m in ref.modules()]
+    # one text at a time, as the pipeline runs them (int8 kernels quantise each batch's activations)
+    probs = [_logits(ref, dict(pipe.tokenizer(t, return_tensors="pt")))[0].softmax(-1) for t in texts]
+    out = pipe(texts)
+    for row, p in zip(out, probs):
+        got = {r["label"]: r["score"] for r in row}
+        want = {ref.config.id2label[i]: p[i].item() for i in range(len(p))}
+        assert got.keys() == want.keys()
+        for k in got:
+            assert got[k] == pytest.approx(want[k], abs=1e-6)
+
+
+PLAIN = textwrap.dedent("""
+    import json, sys, torch
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoModelForCausalLM, pipeline
+    out = {}
+    for name, path, auto in json.loads(sys.argv[1]):
+        cls = {"seq": AutoModelForSequenceClassification, "causal": AutoModelForCausalLM}[auto]
+        try:
+            m = cls.from_pretrained(path).eval()
+            ids = torch.tensor(json.loads(sys.argv[2])); mask = torch.tensor(json.loads(sys.argv[3]))
+            with torch.no_grad():
+                out[name] = {"logits": m(input_ids=ids, attention_mask=mask).logits.tolist()}
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    if len(sys.argv) > 4:
+        try:
+            pipeline("text-classification", model=sys.argv[4])
+            out["pipeline"] = {"loaded": True}
+        except Exception as e:
+            out["pipeline"] = {"error": f"{type(e).__name__}: {e}"}
+    assert "hf_compress" not in sys.modules
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_plain_transformers_refuses_or_loads_right(exported, tmp_path):
+    """A subprocess with transformers only: refused directories fail naming hf_compress; stock ones load
+    the same logits as load_pretrained."""
+    batch = _inputs()
+    jobs = [(n, str(d), "seq" if CASES[n][1] is AutoModelForSequenceClassification else "causal")
+            for n, (_, d) in exported.items()]
+    _tokenizer(tmp_path).save_pretrained(exported["int8"][1])
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN, json.dumps(jobs), json.dumps(batch["input_ids"].tolist()),
+         json.dumps(batch["attention_mask"].tolist()), str(exported["int8"][1])],
+        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
+    assert line, proc.stderr[-3000:]
+    result = json.loads(line[0][len("RESULT"):])
+    for name, (_, d) in exported.items():
+        r = result[name]
+        if CASES[name][2]:
+            assert "error" in r, f"{name} loaded silently without hf_compress"
+            assert "import hf_compress" in r["error"] and "pip install hf_compress" in r["error"], r["error"]
+        else:
+            assert "logits" in r, r
+            assert torch.equal(torch.tensor(r["logits"]), _logits(load_pretrained(d), batch)), name
+    assert "import hf_compress" in result["pipeline"]["error"]
+
+
+def test_unstructured_sparsity_stays_a_stock_directory(tmp_path):
+    model = tiny_bert()
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=4,
+                             per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True)
+    cb = PruningCallback(PruningConfig(granularity="unstructured", target_sparsity=0.5, pruning_end_step=2, frequency=1))
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(32), callbacks=[cb])
+    trainer.train()
+    trainer.save_model(str(tmp_path / "out"))
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "bert" and "quantization_config" not in cfg
+    assert "stock transformers loads" in (tmp_path / "out" / "README.md").read_text().lower()
+    got = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert type(got.config).__name__ == "BertConfig"
+    batch = _inputs()
+    assert torch.equal(_logits(got, batch), _logits(load_pretrained(tmp_path / "out"), batch))
+
+
+def test_trainer_save_model_checkpoints_and_resume(tmp_path):
+    """A compressed (non-uniform, int8-free) model fine-tuned further: trainer.save_model and every Trainer
+    checkpoint are refusing directories the Auto class loads like load_pretrained; resume still works (the
+    Trainer loads checkpoint weights into the live model, no Auto class)."""
+    def compressed():
+        return _nonuniform(tiny_bert(layers=3), "heads", "neurons")
+
+    def args(steps, out):
+        return TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], max_steps=steps, save_steps=2,
+                                 save_strategy="steps", per_device_train_batch_size=8, disable_tqdm=True,
+                                 learning_rate=1e-3, seed=0)
+
+    model = compressed()
+    trainer = Trainer(model=model, args=args(4, tmp_path / "run"), train_dataset=TokenDataset(32))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    batch = _inputs()
+    for d in (tmp_path / "final", tmp_path / "run" / "checkpoint-2", tmp_path / "run" / "checkpoint-4"):
+        assert json.loads((d / "config.json").read_text())["model_type"] == MODEL_TYPE, d
+        assert "import hf_compress" in (d / "README.md").read_text()
+        assert torch.equal(_logits(AutoModelForSequenceClassification.from_pretrained(d), batch),
+                           _logits(load_pretrained(d), batch)), d
+    torch.testing.assert_close(_logits(load_pretrained(tmp_path / "final"), batch), _logits(model, batch))
+    # resume from checkpoint-2 into a fresh compressed model: the same weights as the uninterrupted run
+    resumed = Trainer(model=compressed(), args=args(4, tmp_path / "run2"), train_dataset=TokenDataset(32))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    torch.testing.assert_close(_logits(resumed.model, batch), _logits(model, batch))
+
+
+def test_model_card_says_how_to_load_and_what_was_compressed(exported):
+    _, d = exported["bert-heads+int8"]
+    card = (d / "README.md").read_text()
+    assert "import hf_compress" in card and "AutoModelForSequenceClassification.from_pretrained" in card
+    assert "torch-int8" in card and "Heads per layer" in card
+    report = {"rows": [{"name": "compressed", "metric": 0.91, "params_M": 0.1}]}
+    (d / "report.json").write_text(json.dumps(report))
+    load_pretrained(d).save_pretrained(d)  # hf_compress's own card is rewritten, with the report's numbers
+    assert "| compressed | 0.91 | 0.1 |" in (d / "README.md").read_text()
+    (d / "README.md").write_text("my own card")
+    load_pretrained(d).save_pretrained(d)  # a card the user wrote is kept
+    assert (d / "README.md").read_text() == "my own card"
+
+
+def test_registration_happens_on_import():
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    assert MODEL_TYPE in CONFIG_MAPPING and "hf_compress" in AUTO_QUANTIZER_MAPPING
+    assert hf_compress.write_model_card is not None and AutoConfig is not None

@@ -92,6 +92,10 @@ CASES = {
     "kd-attention-heads": (lambda t: kd(t, tiny_bert(heads=2), tiny_bert(), attention_loss_weight=1.0),
                            ValueError, r"head"),
     "kd-nan": (nan_teacher, FloatingPointError, r"step 1.*soft|soft.*step 1"),
+    "kd-frozen-student": (lambda t: kd(t, tiny_bert().requires_grad_(False), tiny_bert(seed=1)), ValueError,
+                          r"no trainable parameter.*requires_grad_\(True\)"),
+    "kd-multi-label": (lambda t: kd(t, _multi_label(tiny_bert()), tiny_bert(seed=1)), ValueError,
+                       r"problem_type='multi_label_classification'.*softmax.*single-label"),
     "prune-sparsity": (lambda t: PruningConfig(target_sparsity=1.0), ValueError, r"target_sparsity"),
     "prune-method": (lambda t: PruningConfig(method="random"), ValueError, r"method"),
     "prune-granularity": (lambda t: PruningConfig(granularity="rows"), ValueError, r"granularity"),
@@ -124,6 +128,11 @@ CASES = {
     "data-columns": (lambda t: data(t, [{"sentence": "good", "label": 1}] * 4), ValueError, r"text_column"),
     "load-pickle": (pickle_only, FileNotFoundError, r"safetensors only"),
 }
+
+
+def _multi_label(model):
+    model.config.problem_type = "multi_label_classification"
+    return model
 
 
 def _resized(model, vocab):

@@ -1,26 +1,53 @@
-"""Callback state inside Trainer checkpoints.
+"""Callback state inside Trainer checkpoints, written so that no kill point loses it.
 
-Callbacks (pruning masks and scores, QAT observers) save their tensors beside the Trainer's own files
-in ``checkpoint-N/hf_compress/<name>.safetensors`` (+ ``<name>.json`` for scalars and the config they
-were made with). Only the main process writes, each file goes to a temporary name first and is
-renamed, so a run killed while saving never leaves a state file that loads as complete.
-On resume, the Trainer has already loaded ``trainer_state.json`` when ``on_train_begin`` fires, so
-``state.global_step`` names the checkpoint to read.
+A stateful callback (pruning masks and scores, QAT observers, distillation projections) keeps its
+tensors beside the Trainer's own files in ``checkpoint-N/hf_compress/<name>.safetensors`` (+
+``<name>.json`` for scalars, the config they were made with and a fingerprint of the weights they
+belong to). The Trainer rotates old checkpoints away (``save_total_limit``) *before* ``on_save``
+fires, so the state is staged first: at ``on_step_end`` / ``on_epoch_end`` of a step that will be
+saved or evaluated it goes to ``<output_dir>/.hf_compress-staging/checkpoint-N/``, and ``on_save``
+moves it into the checkpoint. Killed anywhere in between, a resume finds it in one of the two
+places. Each file goes to a temporary name first and is renamed (the JSON last: it marks the state
+complete); only the main process writes.
+
+On resume the Trainer has loaded ``trainer_state.json`` before ``on_train_begin``, so
+``state.global_step`` names the checkpoint. The state is taken from ``args.resume_from_checkpoint``
+when it is a path, else from ``<output_dir>/checkpoint-N`` (or the staging copy), and only if its
+weight fingerprint matches the weights the Trainer actually loaded; otherwise the run stops with a
+message (never restarts the masks from scratch while the logs claim otherwise).
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import math
 import os
+import shutil
+import weakref
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
+
+from .sharding import local, sum_shards
 
 SUBDIR = "hf_compress"
+STAGING = ".hf_compress-staging"
 
 
 def checkpoint_dir(args, state) -> str:
-    return os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+    """``<output_dir>/checkpoint-N``; under hyperparameter search the trial's folder that holds it."""
+    path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+    if os.path.isdir(path):
+        return path
+    trials = sorted(glob.glob(os.path.join(glob.escape(args.output_dir), "*", f"checkpoint-{state.global_step}")),
+                    key=os.path.getmtime)
+    return trials[-1] if trials else path
+
+
+def staging_dir(args, step: int) -> str:
+    return os.path.join(args.output_dir, STAGING, f"checkpoint-{step}")
 
 
 def _atomic_write(path: str, write) -> None:
@@ -29,13 +56,10 @@ def _atomic_write(path: str, write) -> None:
     os.replace(tmp, path)
 
 
-def save_state(args, state, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str | None:
-    """Write one callback's state into the checkpoint that was just saved (main process only)."""
-    if not state.is_world_process_zero:
-        return None
+def write_state(folder: str, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """`tensors` + `meta` as ``folder/<name>.safetensors`` and ``folder/<name>.json`` (the JSON last)."""
     from safetensors.torch import save_file
 
-    folder = os.path.join(checkpoint_dir(args, state), SUBDIR)
     os.makedirs(folder, exist_ok=True)
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     _atomic_write(os.path.join(folder, f"{name}.safetensors"), lambda p: save_file(clean, p))
@@ -44,22 +68,35 @@ def save_state(args, state, name: str, tensors: dict[str, torch.Tensor], meta: d
         with open(p, "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
 
-    # the JSON goes last: its presence marks the state as complete
     _atomic_write(os.path.join(folder, f"{name}.json"), _json)
     return folder
 
 
-def find_resume_dir(args, state) -> str | None:
-    """The checkpoint a resumed run started from, or None for a fresh run."""
+def save_state(args, state, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str | None:
+    """Write one callback's state into the checkpoint just saved (main process only)."""
+    if not state.is_world_process_zero:
+        return None
+    return write_state(os.path.join(checkpoint_dir(args, state), SUBDIR), name, tensors, meta)
+
+
+def _has_state(folder: str, name: str) -> bool:
+    return os.path.exists(os.path.join(folder, SUBDIR, f"{name}.json"))
+
+
+def find_resume_dir(args, state, name: str | None = None) -> str | None:
+    """The checkpoint a resumed run started from (None for a fresh run).
+
+    With `name`: the folder that holds that callback's state for this step — the checkpoint itself,
+    or the staging copy a kill between the Trainer's save and ``on_save`` left behind.
+    """
     if state.global_step <= 0:
         return None
-    candidates = [checkpoint_dir(args, state)]
+    candidates = [checkpoint_dir(args, state), staging_dir(args, state.global_step)]
     if isinstance(getattr(args, "resume_from_checkpoint", None), str):
         candidates.insert(0, args.resume_from_checkpoint)
-    for c in candidates:
-        if os.path.isdir(c):
-            return c
-    return None
+    if name is not None:
+        return next((c for c in candidates if _has_state(c, name)), None)
+    return next((c for c in candidates if os.path.isdir(c)), None)
 
 
 def load_state(
@@ -90,3 +127,143 @@ def load_state(
         )
     tensors = load_file(os.path.join(folder, f"{name}.safetensors"), device=str(device))
     return tensors, meta
+
+
+def fingerprint(weights) -> float:
+    """A number that changes with the weights (sum of |w| in float64, over every shard): ties a saved
+    state to the weights it was saved with."""
+    total = None
+    for w in weights:
+        piece = local(w.detach()).double().abs().sum()
+        piece = sum_shards(piece, w)
+        total = piece if total is None else total + piece
+    return float(total) if total is not None else 0.0
+
+
+def best_checkpoint(args, state) -> str | None:
+    """The checkpoint the Trainer reloaded before ``on_train_end`` (``load_best_model_at_end``), or None."""
+    best = getattr(state, "best_model_checkpoint", None)
+    if getattr(args, "load_best_model_at_end", False) and best and os.path.isdir(best):
+        return best
+    return None
+
+
+# one name per callback and model: two callbacks of one kind never share checkpoint files
+_NAMES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+class StatefulCallback(TrainerCallback):
+    """Base of the callbacks whose state lives in checkpoints; subclasses give `base_name`,
+    `state_tensors()`, `state_meta()` and `state_weights()` (the weights the state belongs to)."""
+
+    base_name = "state"
+    name: str | None = None
+
+    def claim_name(self, model: torch.nn.Module) -> str:
+        """`base_name`, or `base_name_2`, `_3`... when another live callback on this model has it (in list order,
+        so a resumed run gets the same names)."""
+        taken = _NAMES.setdefault(model, {})
+        for name, ref in taken.items():
+            if ref() is self:
+                self.name = name
+                return name
+        name, i = self.base_name, 1
+        while name in taken and taken[name]() is not None:
+            i += 1
+            name = f"{self.base_name}_{i}"
+        taken[name] = weakref.ref(self)
+        self.name = name
+        return name
+
+    # what subclasses provide
+    def state_tensors(self) -> dict[str, torch.Tensor] | None:  # None: nothing to save (yet)
+        return None
+
+    def state_meta(self, state) -> dict[str, Any]:
+        return {}
+
+    def state_weights(self) -> list[torch.Tensor]:
+        return []
+
+    def _payload(self, state):
+        tensors = self.state_tensors()
+        if tensors is None:
+            return None
+        meta = {**self.state_meta(state), "step": state.global_step, "fingerprint": fingerprint(self.state_weights())}
+        return tensors, meta
+
+    # staging and moving into the checkpoint
+    def _stage(self, args, state, control) -> None:
+        if not (control.should_save or control.should_evaluate) or self.name is None:
+            return
+        payload = self._payload(state)  # every rank: gathering shards is collective
+        if payload is not None and state.is_world_process_zero:
+            write_state(os.path.join(staging_dir(args, state.global_step), SUBDIR), self.name, *payload)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._stage(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._stage(args, state, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.name is None:
+            return
+        staged = os.path.join(staging_dir(args, state.global_step), SUBDIR)
+        if state.is_world_process_zero and _has_state(os.path.dirname(staged), self.name):
+            target = os.path.join(checkpoint_dir(args, state), SUBDIR)
+            os.makedirs(target, exist_ok=True)
+            for ext in (".safetensors", ".json"):  # the JSON last: it marks the state complete
+                os.replace(os.path.join(staged, self.name + ext), os.path.join(target, self.name + ext))
+            self._clean_staging(args, state.global_step)
+            return
+        payload = self._payload(state)
+        if payload is not None:
+            save_state(args, state, self.name, *payload)
+
+    def _clean_staging(self, args, upto: int | None = None) -> None:
+        root = os.path.join(args.output_dir, STAGING)
+        if not os.path.isdir(root):
+            return
+        for d in os.listdir(root):
+            step = d.rpartition("-")[2]
+            if upto is None or (step.isdigit() and int(step) < upto):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        if upto is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self._clean_staging(args)
+
+    # reading back
+    def read_resume_state(self, args, state, config: dict | None, device="cpu"):
+        """(tensors, meta, folder) of the checkpoint this run resumes from; None for a fresh run.
+
+        Refuses when the run resumes (global_step > 0) but no state of this callback is found, or the one
+        found belongs to other weights than those the Trainer loaded."""
+        if state.global_step <= 0:
+            return None
+        ckpt = find_resume_dir(args, state, self.name)
+        where = f"{checkpoint_dir(args, state)} (or TrainingArguments.resume_from_checkpoint)"
+        if ckpt is None:
+            raise ValueError(
+                f"Resuming at step {state.global_step}, but no {self.name} state for that step was found in {where}. "
+                "When you resume from a checkpoint outside output_dir, also set "
+                "TrainingArguments(resume_from_checkpoint=PATH) to it (the callbacks read it there), or start a fresh run."
+            )
+        tensors, meta = load_state(ckpt, self.name, config=config, device=device)
+        self.check_fingerprint(ckpt, meta)
+        return tensors, meta, ckpt
+
+    def check_fingerprint(self, ckpt: str, meta: dict) -> None:
+        saved = meta.get("fingerprint")
+        if saved is None:
+            return
+        now = fingerprint(self.state_weights())
+        if not math.isclose(saved, now, rel_tol=1e-9, abs_tol=1e-12):
+            raise ValueError(
+                f"The {self.name} state in {ckpt} was saved with other weights than the ones the Trainer loaded "
+                f"(fingerprint {saved!r} vs {now!r}): the run resumes from another checkpoint than {ckpt}. Set "
+                "TrainingArguments(resume_from_checkpoint=PATH) to the checkpoint you resume from."
+            )

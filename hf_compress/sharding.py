@@ -50,3 +50,16 @@ def sum_shards(value: torch.Tensor, like) -> torch.Tensor:
         if isinstance(placement, Shard):
             dist.all_reduce(value, group=like.device_mesh.get_group(dim))
     return value
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `model` as whole tensors on the CPU (collective under FSDP2: call it
+    on every rank). Load it into an unsharded copy of the model to `convert` that copy: what ships is
+    built from the full model, never from shards."""
+    if not any(is_sharded(p) for p in model.parameters()):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # full_state_dict without cpu_offload: every rank gets the whole tensors (with it, only rank 0 would)
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().cpu() for k, v in sd.items()}

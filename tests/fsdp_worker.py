@@ -75,7 +75,54 @@ def main(out: str) -> None:
         }
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(report, f)
+    with open(f"{out}/rank{rank}_convert.json", "w") as f:
+        json.dump(finish_qat_and_structured(mesh, x), f)
     dist.destroy_process_group()
+
+
+def finish_qat_and_structured(mesh, x) -> dict:
+    """Heads pruning + int8 QAT trained sharded and unsharded in lockstep; then each is converted to what
+    ships: the unsharded one in place, the sharded one by gathering its full state into an unsharded copy."""
+    from hf_compress import PruningConfig, QATConfig, pruning, quantization
+    from hf_compress.sharding import full_state_dict
+
+    pcfg = PruningConfig(granularity="heads", method="magnitude", target_sparsity=0.5)
+    qcfg = QATConfig(weight_bits=8, export="torch-int8")
+    torch.manual_seed(0)
+    base = tiny_bert(layers=2, hidden=32, ffn=64).eval()
+    ref, sharded = copy.deepcopy(base), shard(copy.deepcopy(base), mesh)
+    runs = []
+    for model in (ref, sharded):
+        p = pruning.prepare(model, pcfg)
+        quantization.prepare(model, qcfg)
+        runs.append((model, p, torch.optim.AdamW(model.parameters(), lr=1e-2)))
+    for step in range(4):
+        for model, p, opt in runs:
+            model(input_ids=x).logits.pow(2).mean().backward()
+            if step == 1:
+                p.update(0.5)
+            p.mask_grads()
+            opt.step()
+            p.apply()
+            opt.zero_grad()
+    try:
+        quantization.convert(sharded, qcfg)
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    full = full_state_dict(sharded)  # collective: every rank gets the whole tensors
+    copy_ = copy.deepcopy(base)
+    quantization.prepare(copy_, qcfg)
+    copy_.load_state_dict(full)
+    out = {}
+    for name, model in (("ref", ref), ("gathered", copy_)):
+        removed = pruning.convert(model, pcfg)
+        quantization.convert(model, qcfg)
+        out[name] = {"removed": removed, "meta": model.config.hf_compress,
+                     "logits": model(input_ids=x).logits.tolist(),
+                     "shapes": {k: list(v.shape) for k, v in model.state_dict().items()}}
+    out["refused"] = refused
+    return out
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_distributed import _free_port
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
+RESULTS: list[Path] = []  # the workers' output folder
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +28,7 @@ def ranks(tmp_path_factory):
            str(WORKER), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    RESULTS[:] = [out]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -57,3 +60,18 @@ def test_checkpoint_state_is_full_and_reloads_into_shards(ranks):
         for setting, r in rank.items():
             assert r["state_equals_reference"], setting  # full tensors: the checkpoint fits any sharding
             assert r["reload_equal"], setting
+
+
+def test_qat_and_structured_pruning_finish_under_fsdp2_like_an_unsharded_run(ranks):
+    """convert needs the full model: on shards it refuses clearly; a gathered copy converts to exactly what
+    the unsharded run ships (heads removed, int8 layers, same metadata, same logits) on every rank."""
+    for r in (0, 1):
+        c = json.loads((RESULTS[0] / f"rank{r}_convert.json").read_text())
+        assert "FSDP2 shards" in c["refused"] and "full_state_dict" in c["refused"]
+        assert c["ref"]["removed"]["heads"] > 0
+        assert c["gathered"]["removed"] == c["ref"]["removed"]
+        assert c["gathered"]["meta"] == c["ref"]["meta"]
+        assert c["gathered"]["shapes"] == c["ref"]["shapes"]
+        assert c["ref"]["meta"]["quantization"]["backend"] == "torch-int8"
+        got, want = torch.tensor(c["gathered"]["logits"]), torch.tensor(c["ref"]["logits"])
+        assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()

@@ -10,31 +10,33 @@ Event by event (public TrainerCallback events only):
   (so AdamW's moments stay zero).
 - on_optimizer_step: re-apply the masks, so no optimizer state (momentum, weight decay) revives a weight.
 - on_step_end: lottery-ticket snapshot and rewind.
-- on_log: sparsity in the logs (per module in the last one). on_save: masks and scores into the checkpoint.
-- on_train_end: structured pruning becomes physical (`hf_compress.pruning.remove_pruned`) and what was
-  pruned is recorded in the model config, so `hf_compress.load_pretrained` rebuilds it.
-It only touches the `model` the Trainer hands it — the student under DistillationTrainer.
+- on_log: sparsity in the logs (per module in the last one).
+- on_step_end / on_epoch_end / on_save: masks and scores into the checkpoint, staged before the Trainer
+  saves so that no kill point (checkpoint rotation included) loses them (`hf_compress.checkpointing`).
+- on_train_end: after any best-model reload (the masks of the reloaded checkpoint come back with it),
+  `hf_compress.pruning.convert` makes the model what ships: structured units removed, the run recorded
+  with the sparsity measured on the weights, so `hf_compress.load_pretrained` rebuilds it.
+It only touches the `model` the Trainer hands it — the student under DistillationTrainer. Two
+PruningCallbacks on one model keep separate state (`pruning_heads`, `pruning_heads_2`, ...).
 """
 
 from __future__ import annotations
 
-from transformers import TrainerCallback
-
-from ..checkpointing import find_resume_dir, load_state, save_state
+from ..checkpointing import StatefulCallback, best_checkpoint, load_state
 from ..modules import unwrap
-from ..pruning import Pruner, is_update_step, remove_pruned, sparsity_at
-from ..pruning.pruner import check_plain
-from ..metadata import get_metadata, record
-from ._logs import add_to_logs
+from ..pruning import Pruner, convert, is_update_step, prepare, sparsity_at
 from ..pruning.config import PruningConfig
+from ..pruning.pruner import check_plain
+from ..sharding import is_sharded
+from ._logs import add_to_logs
 
 
-class PruningCallback(TrainerCallback):
+class PruningCallback(StatefulCallback):
     def __init__(self, config: PruningConfig | None = None, **kwargs):
         if config is not None and kwargs:
             raise ValueError("PruningCallback: pass either a PruningConfig or keyword options, not both.")
         self.config = config if config is not None else PruningConfig(**kwargs)
-        self.name = self.config.tag
+        self.base_name = self.config.tag
         self.pruner: Pruner | None = None
         self.end: int | None = None
         self.snapshot = None  # weights at rewind_step, until they are used
@@ -44,9 +46,8 @@ class PruningCallback(TrainerCallback):
     def _pruner(self, model) -> Pruner:
         model = unwrap(model)
         if self.pruner is None or not self.pruner.same_model(model):
-            c = self.config
-            self.pruner = Pruner(model, c.method, c.granularity, c.scope, c.n, c.m, c.pruning_targets, c.pruning_exclude)
-            self.pruner.check_target(c.target_sparsity)
+            self.pruner = prepare(model, self.config)
+            self.claim_name(model)
         return self.pruner
 
     def sparsity_at(self, step: int) -> float:
@@ -55,11 +56,25 @@ class PruningCallback(TrainerCallback):
         end = self.end if self.end is not None else c.resolve_end(0)
         return sparsity_at(step, c.target_sparsity, c.pruning_start_step, end, c.frequency, c.schedule)
 
-    def _state(self) -> dict:
+    def state_tensors(self) -> dict | None:
+        if self.pruner is None:
+            return None
         tensors = dict(self.pruner.state_dict())
         if self.snapshot is not None:
             tensors.update({f"rewind.{x}": s for x, s in zip(self.pruner.names, self.pruner.gather(self.snapshot))})
         return tensors
+
+    def state_meta(self, state) -> dict:
+        return {"config": self.config.to_dict(), "end_step": self.end}
+
+    def state_weights(self):
+        return self.pruner.weights if self.pruner is not None else []
+
+    def _load(self, tensors) -> None:
+        pruner = self.pruner
+        pruner.load_state_dict(tensors)
+        if f"rewind.{pruner.names[0]}" in tensors:
+            self.snapshot = pruner.scatter([tensors[f"rewind.{x}"] for x in pruner.names])
 
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -72,19 +87,24 @@ class PruningCallback(TrainerCallback):
         pruner = self._pruner(model)
         check_plain(dict(zip(pruner.names, (pruner.model.get_submodule(x) for x in pruner.names))))
         c = self.config
+        if c.structured and c.remove_pruned and any(is_sharded(w) for w in pruner.weights):
+            raise ValueError(
+                f"PruningCallback (granularity={c.granularity!r}, remove_pruned=True) under FSDP2: removing the pruned "
+                "units needs the full model, which the Trainer never holds when sharded. Set remove_pruned=False "
+                "(zeros stay in place), or convert a gathered copy yourself (hf_compress.sharding.full_state_dict; "
+                "docs/architecture.md)."
+            )
         self.end = c.resolve_end(state.max_steps)
-        ckpt = find_resume_dir(args, state)
-        if ckpt is not None:
-            tensors, meta = load_state(ckpt, self.name, config=c.to_dict())
+        resumed = self.read_resume_state(args, state, c.to_dict())
+        if resumed is not None:
+            tensors, meta, ckpt = resumed
             if meta.get("end_step") not in (None, self.end):
                 raise ValueError(
                     f"Resuming from {ckpt}: its pruning schedule ends at step {meta['end_step']}, this run's at "
                     f"{self.end}: the run length changed. Resume with the same max_steps / num_train_epochs (or give "
                     "pruning_end_step explicitly in both runs)."
                 )
-            pruner.load_state_dict(tensors)
-            if f"rewind.{pruner.names[0]}" in tensors:
-                self.snapshot = pruner.scatter([tensors[f"rewind.{x}"] for x in pruner.names])
+            self._load(tensors)
             return
         if c.rewind_step == 0:
             self.snapshot = pruner.snapshot()
@@ -111,13 +131,13 @@ class PruningCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         c, step = self.config, state.global_step
-        if c.rewind_step is None:
-            return
-        if step == c.rewind_step and self.snapshot is None:
-            self.snapshot = self.pruner.snapshot()
-        if step == self.end and self.snapshot is not None:
-            self.pruner.rewind(self.snapshot, optimizer)
-            self.snapshot = None
+        if c.rewind_step is not None:
+            if step == c.rewind_step and self.snapshot is None:
+                self.snapshot = self.pruner.snapshot()
+            if step == self.end and self.snapshot is not None:
+                self.pruner.rewind(self.snapshot, optimizer)
+                self.snapshot = None
+        super().on_step_end(args, state, control)  # stage the state of a step about to be saved
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.pruner is None or logs is None:
@@ -129,31 +149,19 @@ class PruningCallback(TrainerCallback):
             extra.update({f"{self.name}/sparsity/{k}": round(v, 6) for k, v in self.pruner.sparsity(per_module=True).items()})
         add_to_logs(state, logs, extra)
 
-    def on_save(self, args, state, control, **kwargs):
-        if self.pruner is None:
-            return
-        meta = {"config": self.config.to_dict(), "step": state.global_step, "end_step": self.end}
-        save_state(args, state, self.name, self._state(), meta)
-
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        super().on_train_end(args, state, control)
         if self.pruner is None:
             return
-        c = self.config
-        info = {
-            "granularity": c.granularity if c.granularity != "n:m" else f"{c.n}:{c.m}",
-            "method": c.method,
-            "target_sparsity": c.target_sparsity,
-            "sparsity": round(self.pruner.sparsity(), 6),
-            "modules": len(self.pruner.names),
-        }
+        best = best_checkpoint(args, state)
+        if best is not None:  # the Trainer reloaded the best checkpoint's weights: its masks come back too
+            tensors, meta = load_state(best, self.name, config=self.config.to_dict())
+            self.check_fingerprint(best, meta)
+            self._load(tensors)
         model = unwrap(model if model is not None else self.pruner.model)
-        if c.structured and c.remove_pruned:
-            self.removed = remove_pruned(model, info)
+        self.removed = convert(model, self.config, name=self.name)
+        if self.removed is not None:
             self.pruner = None  # its masks describe the layers that were just replaced
-        else:
-            meta = get_metadata(model).get("pruning", {})
-            meta.setdefault("runs", []).append(info)
-            record(model, "pruning", meta)
 
     def summary(self) -> dict:
         """Sparsity now (overall and per module) and what the end of training removed."""

@@ -10,10 +10,13 @@ Event by event (public TrainerCallback events only):
 - on_step_end: activation observers commit this step's statistics (reduced over all ranks first, so
   every rank uses the same ranges), and stop moving at `freeze_observers_step`.
 - on_log: fraction of Linear layers under fake quantisation and a summary of the observed ranges.
-- on_save: observer state and QAT state into the checkpoint (hf_compress/qat.*).
-- on_train_end: `export=None` — the targeted weights become their quantised-dequantised values and
-  the fake quantisation is removed; otherwise the layers become real low-bit layers. Either way the
-  scheme is recorded in the model config so `hf_compress.load_pretrained` rebuilds the same model.
+- on_step_end / on_epoch_end / on_save: observer state into the checkpoint (hf_compress/qat.*), staged
+  before the Trainer saves so that no kill point loses it (`hf_compress.checkpointing`).
+- on_train_end: after any best-model reload (its observer ranges come back with it),
+  `hf_compress.quantization.convert`: `export=None` — the targeted weights become their
+  quantised-dequantised values and the fake quantisation is removed; otherwise the layers become real
+  low-bit layers. Either way the scheme is recorded in the model config so `hf_compress.load_pretrained`
+  rebuilds the same model. A qat_start_step at or after the run's last step is refused before training.
 
 With pruning: list `PruningCallback` before `QATCallback`. on_train_end events run in list order, so
 pruning removes its structure first and QAT then quantises the layers that remain (zeros stay zeros:
@@ -23,26 +26,21 @@ pruning removes its structure first and QAT then quantises the layers that remai
 from __future__ import annotations
 
 import torch
-from transformers import TrainerCallback
 
-from ..checkpointing import find_resume_dir, load_state, save_state
+from ..checkpointing import StatefulCallback, best_checkpoint, load_state
 from ..modules import is_linear, unwrap
-from ..quantization import (
-    build_plan,
-    fake_quant_layers,
-    finalize,
-    insert_fake_quant,
-    observers,
-    set_observing,
-)
-from ..quantization.observers import sync_observers
-from ._logs import add_to_logs
+from ..quantization import build_plan, convert, fake_quant_layers, insert_fake_quant, observers, set_observing
 from ..quantization.config import QATConfig
+from ..quantization.observers import sync_observers
+from ..sharding import is_sharded
+from ._logs import add_to_logs
 
 NAME = "qat"
 
 
-class QATCallback(TrainerCallback):
+class QATCallback(StatefulCallback):
+    base_name = NAME
+
     def __init__(self, config: QATConfig | None = None, **kwargs):
         if config is not None and kwargs:
             raise ValueError("QATCallback: pass either a QATConfig or keyword options, not both.")
@@ -58,6 +56,7 @@ class QATCallback(TrainerCallback):
         model = unwrap(model)
         if self.plan is None or self.model is not model:
             self.plan, self.model = build_plan(model, self.config), model
+            self.claim_name(model)
         return self.plan
 
     def _activate(self, model, step: int) -> None:
@@ -67,39 +66,68 @@ class QATCallback(TrainerCallback):
         self._observers = list(observers(model).values())
         self.active = True
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
+    def state_tensors(self) -> dict[str, torch.Tensor] | None:
+        if self.model is None:
+            return None
         out = {}
         for name, obs in observers(self.model).items():
             out.update({f"{name}.{k}": v for k, v in obs.state().items()})
         return out
 
     # ------------------------------------------------------------------ events
+    def state_meta(self, state) -> dict:
+        return {"config": self.config.to_dict(), "active": self.active,
+                "observing": any(o.observing for o in self._observers)}
+
+    def state_weights(self):
+        return [self.model.get_submodule(n).weight for n in self.plan] if self.model is not None else []
+
+    def _load_observers(self, model, tensors, meta) -> None:
+        if meta.get("active"):
+            dev = next(model.parameters()).device
+            for name, obs in observers(model).items():
+                obs.load_state({k: tensors[f"{name}.{k}"].to(dev) for k in ("lo", "hi", "initialized")})
+
+    def _check_start(self, max_steps: int) -> None:
+        if max_steps and max_steps > 0 and self.config.qat_start_step >= max_steps:
+            raise ValueError(
+                f"QATConfig.qat_start_step={self.config.qat_start_step} is at or after the last training step "
+                f"({max_steps}): fake quantisation would never run, yet the export would be labelled quantised. "
+                "Lower qat_start_step or train longer (for quantisation without training use quantize_model)."
+            )
+
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
             self._plan(model)
+        self._check_start(args.max_steps)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model = unwrap(model)
         self._plan(model)
+        self._check_start(state.max_steps)
+        if any(is_sharded(p) for p in model.parameters()):
+            raise ValueError(
+                "QATCallback under FSDP2: converting to what ships needs the full model, which the Trainer never "
+                "holds when sharded. Train QAT with DDP (or one process), or run the technique yourself on the "
+                "sharded model and convert a gathered copy (hf_compress.sharding.full_state_dict; docs/architecture.md)."
+            )
         self.result, self.active = None, bool(fake_quant_layers(model))
-        ckpt = find_resume_dir(args, state)
-        meta = None
-        if ckpt is not None:
-            tensors, meta = load_state(ckpt, NAME, config=self.config.to_dict())
+        resumed = self.read_resume_state(args, state, self.config.to_dict())
         if state.global_step >= self.config.qat_start_step:
             self._activate(model, state.global_step)
-        if meta is not None and meta.get("active"):
-            dev = next(model.parameters()).device
-            for name, obs in observers(model).items():
-                obs.load_state({k: tensors[f"{name}.{k}"].to(dev) for k in ("lo", "hi", "initialized")})
+        if resumed is not None:
+            self._load_observers(model, resumed[0], resumed[1])
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.model is not None and state.global_step >= self.config.qat_start_step and not self.active:
             self._activate(self.model, state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not (self.active and self._observers):
-            return
+        if self.active and self._observers:
+            self._commit_observers(state)
+        super().on_step_end(args, state, control)  # stage the state of a step about to be saved
+
+    def _commit_observers(self, state) -> None:
         sync_observers(self._observers)
         for o in self._observers:
             o.commit()
@@ -138,20 +166,15 @@ class QATCallback(TrainerCallback):
         extra = self.summary()
         add_to_logs(state, logs, extra)
 
-    def on_save(self, args, state, control, **kwargs):
-        if self.model is None:
-            return
-        meta = {
-            "config": self.config.to_dict(),
-            "step": state.global_step,
-            "active": self.active,
-            "observing": any(o.observing for o in self._observers),
-        }
-        save_state(args, state, NAME, self.state_tensors(), meta)
-
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        super().on_train_end(args, state, control)
         if self.model is None:
             return
         model = unwrap(model) if model is not None else self.model
-        self.result = finalize(model, self.plan, self.config.export)
+        best = best_checkpoint(args, state)
+        if best is not None:  # the Trainer reloaded the best checkpoint's weights: its observer ranges come back too
+            tensors, meta = load_state(best, self.name, config=self.config.to_dict())
+            self.check_fingerprint(best, meta)
+            self._load_observers(model, tensors, meta)
+        self.result = convert(model, self.config, plan=self.plan)
         self.active, self._observers = False, []

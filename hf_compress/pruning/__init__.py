@@ -1,10 +1,13 @@
-"""Pruning on bare modules and tensors: schedules, importance scores, masks, structured surgery.
+"""Pruning technique on bare modules and tensors: `PruningConfig` (config.py), schedules, scores, masks, surgery.
 
-`Pruner` holds the masks and scores of one model; `PruningCallback` drives it from Trainer events.
-`remove_pruned(model)` makes structured pruning physical; `apply_structure` rebuilds it on load.
-`merge_lora(peft_model)` merges LoRA adapters and keeps pruned weights exactly zero.
+Life cycle: `prepare(model, config)` gives the `Pruner` (masks and scores) that `PruningCallback`
+drives at Trainer events; `convert(model, config)` makes it what ships (structured units and layers
+removed, the run recorded with the sparsity measured on the weights). `apply_structure` rebuilds a
+pruned skeleton on load; `merge_lora(peft_model)` keeps pruned weights exactly zero.
 """
 
+from .config import PruningConfig
+from .lifecycle import convert, measured_sparsity, prepare
 from .lora import merge_lora
 from .masks import GRANULARITIES, STRUCTURED, apply_masks
 from .pruner import Pruner
@@ -13,6 +16,7 @@ from .scores import METHODS
 from .structured import apply_structure, remove_pruned, structure
 
 __all__ = [
-    "GRANULARITIES", "METHODS", "SCHEDULES", "STRUCTURED", "Pruner", "apply_masks", "apply_structure",
-    "is_update_step", "merge_lora", "remove_pruned", "sparsity_at", "structure",
+    "GRANULARITIES", "METHODS", "SCHEDULES", "STRUCTURED", "Pruner", "PruningConfig", "apply_masks", "apply_structure",
+    "convert", "is_update_step", "measured_sparsity", "merge_lora", "prepare", "remove_pruned", "sparsity_at",
+    "structure",
 ]

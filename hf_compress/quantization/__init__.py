@@ -1,12 +1,12 @@
-"""Quantisation on bare nn.Modules: one numerics (numerics.py) for QAT, PTQ and export.
+"""Quantisation technique on bare nn.Modules: `QATConfig` (config.py, one config for QAT *and* PTQ), one numerics.
 
-Public functions:
-    build_plan(model, config)            which Linear layers, with which scheme
-    insert_fake_quant / remove_fake_quant  QAT's in-place fake quantisation (Parameters untouched)
-    finalize(model, plan, export)        end of QAT / PTQ: bake the grid into the float weights, or
-                                         convert to real low-bit layers; records the scheme
-    rebuild_quantized(model, meta)       reload path, called by hf_compress.loading.load_pretrained
-    quantize_model(model, config, calib_dataloader=None)   PTQ (hf_compress.quantization.ptq)
+Life cycle (the same names as every technique):
+    prepare(model, config)               QAT: fake quantisation into the targeted layers (Parameters untouched)
+    ... training (QATCallback drives the observers) ...
+    convert(model, config, plan=None)    what ships: weights baked onto the grid, or real low-bit layers
+                                         (config.export); records the scheme; idempotent
+Also: build_plan (which layers, which scheme), quantize_model (PTQ = prepare + calibrate + convert),
+rebuild_quantized (the reload path of hf_compress.loading).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..metadata import get_metadata, record
 from ..modules import is_linear, out_axis, replace_module
+from ..sharding import is_sharded
 from .backends import get_backend
 from .fake_quant import (
     commit_observers,
@@ -31,14 +33,14 @@ from .fake_quant import (
 )
 from .numerics import QScheme, dequantize_weight, fake_quantize, fake_quantize_weight, qparams, quantize_weight
 from .observers import Observer
-from .plan import ActScheme, LayerPlan, build_plan
+from .plan import ActScheme, LayerPlan, build_plan, field_of
 
 FORMAT_VERSION = 1
 
 __all__ = [
     "ActScheme", "LayerPlan", "Observer", "QScheme", "build_plan", "commit_observers", "dequantize_weight",
-    "fake_quant_layers", "fake_quantize", "fake_quantize_weight", "finalize", "get_backend", "insert_fake_quant",
-    "is_fake_quant", "observers", "qparams", "quantize_model", "quantize_weight", "rebuild_quantized",
+    "convert", "fake_quant_layers", "fake_quantize", "fake_quantize_weight", "get_backend", "insert_fake_quant",
+    "is_fake_quant", "observers", "prepare", "qparams", "quantize_model", "quantize_weight", "rebuild_quantized",
     "remove_fake_quant", "set_observing",
 ]
 
@@ -54,10 +56,22 @@ def _fit(scheme: QScheme, width: int, name: str) -> QScheme:
     return QScheme(scheme.bits, scheme.symmetric, True, None, "int")
 
 
-def finalize(
-    model: nn.Module, plan: dict[str, LayerPlan], export: str | None = None, keep_input_quant: bool = False
+def prepare(model: nn.Module, config) -> dict[str, LayerPlan]:
+    """QAT: fake quantisation into the layers `config` targets, in place; returns the plan."""
+    plan = build_plan(model, config)
+    insert_fake_quant(model, plan)
+    return plan
+
+
+def convert(
+    model: nn.Module, config=None, plan: dict[str, LayerPlan] | None = None, keep_input_quant: bool = False,
+    export: str | None = None,
 ) -> dict[str, Any]:
     """End of QAT or PTQ: make the targeted layers what ships, and record the scheme.
+
+    `config` (a QATConfig) gives the export backend and, without `plan`, the layers (its targets on
+    this model). Runs on a full, unsharded model (under FSDP2, gather first). Idempotent: layers that
+    are already low-bit keep their recorded entry; float weights already on the grid stay as they are.
 
     `export=None`: each targeted weight is replaced by its quantised-dequantised value (float storage,
     every group of each output channel on ≤ 2^bits levels) and fake quantisation is removed — unless
@@ -69,13 +83,30 @@ def finalize(
     pruning) are skipped; layers pruning replaced by plain Linears are quantised all the same.
     Returns the metadata recorded under ``config.hf_compress["quantization"]``.
     """
+    if plan is None:
+        if config is None:
+            raise ValueError("quantization.convert: pass the QATConfig (or a plan from build_plan / prepare).")
+        layers_now = fake_quant_layers(model)
+        plan = {n: m.hfc_plan for n, m in layers_now.items()} or build_plan(model, config)
+    if config is not None and export is None:
+        export = field_of(config, "export")
+    if any(is_sharded(p) for p in model.parameters()):
+        raise ValueError(
+            "quantization.convert needs the full model, but its parameters are FSDP2 shards (DTensor): gather "
+            "them first (hf_compress.sharding.full_state_dict) into an unsharded copy, then convert that "
+            "(docs/architecture.md)."
+        )
     backend = get_backend(export) if export else None
     if backend is not None:
         backend.require()
     modules = dict(model.named_modules())
+    before = get_metadata(model).get("quantization", {}).get("layers", {})
     layers = {}
     for name, lp in plan.items():
         m = modules.get(name)
+        if m is not None and not is_linear(m) and name in before:  # converted already: keep its record
+            layers[name] = before[name]
+            continue
         if m is None or not is_linear(m):  # removed (or replaced) by structured pruning
             continue
         axis = out_axis(m)
@@ -100,8 +131,6 @@ def finalize(
         layers[name] = {**lp.to_dict(), **entry}
     meta = {"version": FORMAT_VERSION, "backend": export, "layers": layers}
     if hasattr(model, "config"):
-        from ..metadata import record
-
         record(model, "quantization", meta)
     return meta
 

@@ -1,0 +1,67 @@
+"""The pruning life cycle on a bare model: `prepare` → training (the callback drives the `Pruner`) → `convert`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..metadata import get_metadata, record
+from ..modules import select_modules, unwrap
+from ..sharding import is_sharded, local, sum_shards
+from .pruner import Pruner
+from .structured import remove_pruned
+
+
+def prepare(model: nn.Module, config) -> Pruner:
+    """The `Pruner` (masks and scores) of the layers `config` (a PruningConfig) targets; checks the target."""
+    c = config
+    pruner = Pruner(model, c.method, c.granularity, c.scope, c.n, c.m, c.pruning_targets, c.pruning_exclude)
+    pruner.check_target(c.target_sparsity)
+    return pruner
+
+
+@torch.no_grad()
+def measured_sparsity(model: nn.Module, config) -> float:
+    """Fraction of exactly-zero weights in the layers `config` targets, read from the weights themselves."""
+    zeros = total = 0
+    for module in select_modules(unwrap(model), config.pruning_targets, config.pruning_exclude).values():
+        w = module.weight
+        zeros += int(sum_shards((local(w.detach()) == 0).sum(), w))
+        total += w.numel()
+    return zeros / total if total else 0.0
+
+
+def convert(model: nn.Module, config, name: str | None = None) -> dict | None:
+    """Make what training pruned into what ships, from the weights as they are now; idempotent.
+
+    Structured granularities with ``remove_pruned``: every unit whose consuming weights are all zero and
+    every layer marked as skipped is deleted (`remove_pruned`; the logits do not change). Always: the
+    run is recorded in ``config.hf_compress["pruning"]["runs"]`` under `name` (default: the config's
+    tag; converting again replaces the entry), with the sparsity *measured* on the weights — after a
+    best-model reload that is the reloaded checkpoint's, never the schedule's claim. Structured removal
+    needs the full model: under FSDP2 gather first. Returns what was removed (structured) or None.
+    """
+    model = unwrap(model)
+    c = config
+    info = {
+        "name": name or c.tag,
+        "granularity": c.granularity if c.granularity != "n:m" else f"{c.n}:{c.m}",
+        "method": c.method,
+        "target_sparsity": c.target_sparsity,
+        "sparsity": round(measured_sparsity(model, c), 6),
+    }
+    meta = get_metadata(model).get("pruning", {})
+    runs = [r for r in meta.get("runs", []) if r.get("name") != info["name"]]
+    removed = None
+    if c.structured and c.remove_pruned:
+        if any(is_sharded(p) for p in model.parameters()):
+            raise ValueError(
+                "Removing pruned heads / neurons / layers needs the full model, but its parameters are FSDP2 shards "
+                "(DTensor): gather them first (hf_compress.sharding.full_state_dict) into an unsharded copy and convert "
+                "that, or set remove_pruned=False (zeros stay in place)."
+            )
+        removed = remove_pruned(model)
+        meta = get_metadata(model)["pruning"]
+    meta["runs"] = runs + [info]
+    record(model, "pruning", meta)
+    return removed

@@ -200,3 +200,28 @@ def _cls_rows(n, length=10):
     ids = torch.randint(3, 128, (n, length), generator=g)
     return [{"input_ids": ids[i], "attention_mask": torch.ones(length, dtype=torch.long), "labels": ids[i, 0] % 2}
             for i in range(n)]
+
+
+# ---- 5. the FSDP2 teacher sharder ------------------------------------------------------------------
+
+
+def test_fsdp2_sharder_is_accelerates_own_with_the_signature_used():
+    """The teacher is sharded by the function Accelerator.prepare shards the student with (GPU-only path:
+    here only its presence and signature are checked)."""
+    import inspect
+
+    import accelerate.accelerator
+    from hf_compress.distillation.teacher import fsdp2_sharder
+
+    shard = fsdp2_sharder()
+    assert shard is accelerate.accelerator.fsdp2_prepare_model
+    assert list(inspect.signature(shard).parameters) == ["accelerator", "model"]
+
+
+def test_fsdp2_sharder_with_another_signature_is_refused(monkeypatch):
+    import accelerate.utils
+    from hf_compress.distillation.teacher import fsdp2_sharder
+
+    monkeypatch.setattr(accelerate.utils, "fsdp2_prepare_model", lambda model, plugin: model)
+    with pytest.raises(ValueError, match=r"fsdp2_prepare_model no longer takes \(accelerator, model\).*pin accelerate"):
+        fsdp2_sharder()

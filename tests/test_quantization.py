@@ -20,7 +20,7 @@ from hf_compress.quantization import (
     fake_quant_layers,
     fake_quantize,
     fake_quantize_weight,
-    finalize,
+    convert,
     insert_fake_quant,
     quantize_weight,
     rebuild_quantized,
@@ -297,7 +297,7 @@ def test_export_matches_fake_quant_and_reloads(export, kw, tol, tmp_path):
     with torch.no_grad():
         fake = model(**x).logits
         float_weights = {n: model.get_submodule(n).weight.detach().clone() for n in plan}
-    meta = finalize(model, plan, export)
+    meta = convert(model, plan=plan, export=export)
     assert meta["backend"] == export and set(meta["layers"]) == set(plan)
     assert not fake_quant_layers(model)
     with torch.no_grad():
@@ -339,7 +339,7 @@ def test_backend_not_runnable_is_a_clear_error(monkeypatch):
         QATConfig(export="bnb-int8")
     model, plan = _qat_model({"weight_bits": 8})
     with pytest.raises(ValueError, match="cannot run here"):
-        finalize(model, plan, "bnb-int8")
+        convert(model, plan=plan, export="bnb-int8")
     with pytest.raises(ValueError, match="cannot run here"):
         rebuild_quantized(model, {"version": 1, "backend": "bnb-int8", "layers": {}})
 

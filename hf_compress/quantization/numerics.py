@@ -43,6 +43,9 @@ NF4_CODE = (
     0.7229568362236023, 1.0,
 )
 NF4_GROUP_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' allowed blocksizes
+# smallest uniform-grid scale (torch's observers use the same floor): a near-zero range would otherwise
+# give a scale whose float32 reciprocal is inf, and x · inf is inf / NaN
+MIN_SCALE = torch.finfo(torch.float32).eps
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> t
     """(scale, zero_point) for values observed in [lo, hi]; float32 tensors, Z integer-valued.
 
     The range is widened to contain 0, so 0.0 always maps to the integer Z and back to exactly 0.
+    A non-zero range never gets a scale below MIN_SCALE (float32 eps, as torch's observers), so 1/S is
+    finite; an all-zero range gets S = 1. Ranges with S >= MIN_SCALE are untouched.
     """
     lo = torch.clamp(lo.float(), max=0.0)
     hi = torch.clamp(hi.float(), min=0.0)
@@ -115,8 +120,8 @@ def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> t
         zero = torch.zeros_like(scale)
     else:
         scale = (hi - lo) / (qmax - qmin)
-    # an all-zero range: any scale represents it exactly; 1 avoids 0/0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # an all-zero range: any scale represents it exactly; 1 avoids 0/0. A tiny one: at least MIN_SCALE
+    scale = torch.where(scale > 0, torch.clamp(scale, min=MIN_SCALE), torch.ones_like(scale))
     if not symmetric:
         zero = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
     return scale, zero

@@ -1,5 +1,15 @@
 """Activation range observers: minmax, moving_average, percentile.
 
+Percentiles are exact: `quantiles(x, qs)` equals `torch.quantile(x, qs)` (linear interpolation) on the
+whole tensor, of any size. On CPU it first keeps the values beyond a threshold read from a strided
+sample and checks that enough of them were kept (else it uses the whole tensor), so the tail order
+statistics come from a small set; a sample can only make it slower, never wrong.
+
+PTQ calibration (`calibrating=True`, set by `quantize_model`) commits once per batch and averages with
+equal weights: after n batches moving_average holds the mean of the n per-batch minima / maxima and
+percentile the mean of the n per-batch percentiles (minmax: the min / max over the batches, as
+always). During training the moving averages are exponential with weight `averaging`.
+
 An observer watches the input of one layer. Statistics of the batches of the current optimizer step
 accumulate in `pending_*` buffers; `commit()` (once per optimizer step, after `sync_observers` has
 reduced the pending statistics over all ranks) folds them into the range used for quantisation. So
@@ -13,6 +23,7 @@ plain model); `state()` / `load_state()` carry them into Trainer checkpoints.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,7 +32,44 @@ from .numerics import qparams
 KINDS = ("minmax", "moving_average", "percentile")
 # "dynamic" needs no observer: each tensor is quantised with its own min / max (fake_quant.py)
 ACT_RANGES = KINDS + ("dynamic",)
-MAX_SAMPLES = 1 << 16  # percentile: a strided subsample keeps the quantile cheap on large batches
+MAX_SAMPLES = 1 << 16  # percentile: size of the strided sample that picks the tail threshold (CPU)
+
+
+def _order_stats(x: torch.Tensor, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ascending order statistics x_(i), x_(j) (0-based, j in {i, i + 1}) of flat float32 `x`."""
+    n = x.numel()
+    if x.device.type != "cpu":  # kthvalue: no host sync
+        return torch.kthvalue(x, i + 1).values, torch.kthvalue(x, j + 1).values
+    a = x.numpy()
+    upper = i >= n // 2
+    need = n - i if upper else j + 1  # how many extreme values must be kept
+    if need * 4 < n and n > MAX_SAMPLES:
+        sample = a[:: -(-n // MAX_SAMPLES)]
+        m = sample.size
+        ks = min(m, -(-2 * need * m // n) + 8)  # about twice the share of values needed, read on the sample
+        t = np.partition(sample, m - ks)[m - ks] if upper else np.partition(sample, ks - 1)[ks - 1]
+        kept = a[a >= t] if upper else a[a <= t]  # every value beyond t: the top (bottom) kept.size of x
+        if kept.size >= need:  # else the sample misled the threshold: use the whole tensor
+            off = n - kept.size if upper else 0
+            a, i, j = kept, i - off, j - off
+    v = np.partition(a, i)  # one kth: much faster than a list of them
+    return torch.tensor(v[i]), torch.tensor(v[i + 1:].min() if j > i else v[i])  # x_(i+1) = min of what follows
+
+
+@torch.no_grad()
+def quantiles(x: torch.Tensor, qs) -> torch.Tensor:
+    """torch.quantile(x.flatten(), qs) (linear interpolation), exact for any size (torch.quantile stops at
+    2^24 elements) and fast for the tails on CPU."""
+    x = x.detach().float().reshape(-1)
+    n = x.numel()
+    out = []
+    for q in qs:
+        pos = float(q) * (n - 1)
+        i = min(int(pos), n - 1)
+        j = min(i + 1, n - 1)
+        a, b = _order_stats(x, i, j)
+        out.append(torch.lerp(a, b, torch.tensor(pos - i, dtype=a.dtype, device=a.device)))
+    return torch.stack(out)
 
 
 class Observer(nn.Module):
@@ -44,6 +92,9 @@ class Observer(nn.Module):
             self.register_buffer(name, torch.zeros(()), persistent=False)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool), persistent=False)
         self.register_buffer("pending", torch.zeros(3), persistent=False)  # lo, hi, count
+        # PTQ calibration: equal weights, the mean over the committed batches (`commits` of them)
+        self.calibrating = False
+        self.register_buffer("commits", torch.zeros(()), persistent=False)
         self._reset_pending()
 
     def _reset_pending(self):
@@ -57,10 +108,8 @@ class Observer(nn.Module):
         x = x.detach().float().reshape(-1)
         if self.kind != "percentile":
             return torch.stack(torch.aminmax(x))
-        if x.numel() > MAX_SAMPLES:
-            x = x[:: -(-x.numel() // MAX_SAMPLES)]
         p = self.percentile / 100
-        return torch.quantile(x, torch.tensor([1 - p, p], device=x.device))
+        return quantiles(x, (1 - p, p))
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,8 +135,12 @@ class Observer(nn.Module):
             lo, hi = lo / n.clamp(min=1), hi / n.clamp(min=1)
         if self.kind == "minmax":
             new_lo, new_hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
-        else:  # exponential moving average of the per-step ranges
-            c = self.averaging
+        else:  # moving average of the per-step ranges: exponential, or (calibration) equal weights
+            if self.calibrating:
+                self.commits += has.float()
+                c = 1 / self.commits.clamp(min=1)
+            else:
+                c = self.averaging
             new_lo, new_hi = self.lo + c * (lo - self.lo), self.hi + c * (hi - self.hi)
         first = has & ~self.initialized
         self.lo.copy_(torch.where(first, lo, torch.where(has, new_lo, self.lo)))

@@ -4,7 +4,9 @@
   activations at run time.
 * static (`activation_bits=8`): an observer per targeted layer records the range of its input over a
   few batches of `calib_dataloader` (model in eval mode, no gradients, weights already quantised,
-  activations still float), then is frozen. With `export=None` the model keeps
+  activations still float), then is frozen. Every batch counts the same: minmax gives the min / max
+  over the batches, moving_average the mean of the per-batch minima / maxima, percentile the mean of
+  the per-batch percentiles (`averaging` is for training only). With `export=None` the model keeps
   the fake quantisation of its inputs with those fixed ranges (simulated static int8, to measure its
   accuracy); the export backends quantise activations at run time instead, so with an export the
   calibrated ranges are not used (a warning says so).
@@ -20,8 +22,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from . import commit_observers, finalize, insert_fake_quant, remove_fake_quant, set_observing
+from . import commit_observers, convert, insert_fake_quant, observers, remove_fake_quant, set_observing
 from .backends import get_backend
+from .config import QATConfig
 from .plan import build_plan, field_of
 
 
@@ -38,10 +41,18 @@ def _run(model: nn.Module, batch, device) -> None:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, num_batches: int) -> int:
-    """Feed up to `num_batches` batches through the model in eval mode, committing the ranges after each."""
+    """Feed up to `num_batches` batches through the model in eval mode, committing the ranges after each.
+
+    The observers average the batches with equal weights (`Observer.calibrating`), so the result is the
+    same whatever the batch order and whatever `averaging` says.
+    """
     was_training = model.training
     model.eval()
     set_observing(model, True, in_eval=True)
+    live = list(observers(model).values())
+    for o in live:
+        o.calibrating = True
+        o.commits.zero_()
     device = next(model.parameters()).device
     n = 0
     try:
@@ -52,6 +63,8 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int) -> int:
             commit_observers(model)
             n += 1
     finally:
+        for o in live:
+            o.calibrating = False
         set_observing(model, False)
         model.train(was_training)
     return n
@@ -63,7 +76,10 @@ def quantize_model(model: nn.Module, config, calib_dataloader: Iterable | None =
     `config.export` picks the result as in QAT: None (float weights on the grid), "torch-int8",
     "bnb-int8" or "bnb-nf4" (real low-bit layers). The scheme is recorded in
     ``config.hf_compress["quantization"]`` so `hf_compress.load_pretrained` rebuilds the model.
+    A dict is validated as ``QATConfig(**config)`` first (an unknown or renamed key is an error).
     """
+    if isinstance(config, Mapping):
+        config = QATConfig(**config)
     export = field_of(config, "export")
     if export:
         get_backend(export).require()
@@ -86,5 +102,5 @@ def quantize_model(model: nn.Module, config, calib_dataloader: Iterable | None =
             warnings.warn(
                 f"export={export!r} quantises activations at run time: the calibrated static ranges are not used."
             )
-    finalize(model, plan, export, keep_input_quant=act_quant)
+    convert(model, plan=plan, export=export, keep_input_quant=act_quant)
     return model

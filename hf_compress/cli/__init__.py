@@ -74,15 +74,25 @@ def _run(args) -> int:
     if args.dry_run:
         from accelerate import PartialState
 
-        _ = recipe.training_args().device  # sets up the (distributed) state
+        from .pipeline import prepare, training_args
+
+        training_args(recipe)  # sets up the (distributed) state
+        _, splits = prepare(recipe)  # data files, labels, models on the meta device: every check but training
         if PartialState().is_main_process:
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
-            print(f"# recipe OK: output in {recipe.out_dir}, model export in {recipe.export_dir}")
+            print(f"# recipe OK ({len(splits.train)} training / {len(splits.eval)} evaluation rows checked; models "
+                  f"checked on the meta device): output in {recipe.out_dir}, model export in {recipe.export_dir}")
         return 0
     from .pipeline import run_recipe
 
     command = "hf-compress " + " ".join(shlex.quote(a) for a in ["run", args.recipe, *args.overrides])
-    run_recipe(recipe, command=command)
+    result = run_recipe(recipe, command=command)
+    reload = result.get("export_reload")
+    if reload is not None and not reload.get("ok"):
+        why = reload.get("error") or f"its logits differ from the trained model's by {reload.get('max_abs_logit_diff'):.3g}"
+        print(f"hf-compress: error: the export in {recipe.export_dir} did not reload as trained ({why}); "
+              "see report.json (export_reload).", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -104,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return _run(args) if args.command == "run" else _report(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         if os.environ.get("HF_COMPRESS_DEBUG"):
             raise
-        print(f"hf-compress: error: {e}", file=sys.stderr)
+        print(f"hf-compress: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

@@ -93,17 +93,40 @@ def read_rows(path: str | Path, text_column: str = "text") -> list[dict]:
         with open(path, newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
     if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":
+                raise ValueError(f"data file {path} line {e.lineno}: not valid JSON ({e.msg}).") from None
+            return _json_lines(path)  # JSON lines in a .json file (as `datasets` reads them)
         if isinstance(data, dict):  # {"data": [...]} or columns {"text": [...], "label": [...]}
             data = data.get("data", data)
             if isinstance(data, dict):
                 keys = list(data)
                 data = [dict(zip(keys, vals)) for vals in zip(*data.values())]
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise ValueError(f"data file {path}: expected a list of rows (objects), or JSON lines.")
         return list(data)
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return _json_lines(path)
     raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {SUFFIXES}.")
+
+
+def _json_lines(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"data file {path} line {n}: not valid JSON ({e.msg}, column {e.colno}).") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"data file {path} line {n}: expected a JSON object per line, got {type(row).__name__}.")
+            rows.append(row)
+    return rows
 
 
 def _find_split(folder: Path, split: str) -> Path | None:
@@ -188,6 +211,41 @@ def _check_columns(rows: list[dict], columns: list[str], where: str) -> None:
         )
 
 
+def check_rows(rows: list[dict], cfg: DataConfig, where: str, num_labels: int | None = None) -> None:
+    """Every row has its text and a label, labels are class ids within `num_labels` (or names); one-line
+    errors name the data and the row (1-based, in file order)."""
+    cols = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    _check_columns(rows, cols + [cfg.label_column], where)
+    for i, r in enumerate(rows, 1):
+        for c in cols:
+            if r.get(c) is None:
+                raise ValueError(f"data: {where} row {i} has no `{c}` (data.text_column / data.text_pair_column).")
+        v = r.get(cfg.label_column)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise ValueError(f"data: {where} row {i} has no label (column `{cfg.label_column}`, data.label_column).")
+        if cfg.labels and v in cfg.labels:
+            continue
+        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError(f"data: {where} row {i}: label {v!r} is not a class id (an integer) or name.")
+        as_int = v if isinstance(v, (int, float)) else (int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else None)
+        if as_int is None:
+            if cfg.labels:
+                raise ValueError(f"data: {where} row {i}: label {v!r} is not one of data.labels={cfg.labels}.")
+            continue  # label names: ids in sorted order
+        as_int = int(as_int)
+        if as_int < 0:
+            raise ValueError(f"data: {where} row {i}: label {v!r} is negative; class ids are 0..num_labels-1.")
+        if num_labels is not None and num_labels > 1 and as_int >= num_labels:
+            raise ValueError(
+                f"data: {where} row {i}: label {v!r} is out of range for model.num_labels={num_labels} (ids 0..{num_labels - 1})."
+            )
+    if num_labels == 1:
+        raise ValueError(
+            f"model.num_labels=1 (one output: regression) but {where} holds class labels in `{cfg.label_column}`: "
+            "set model.num_labels to the number of classes (or null to count them)."
+        )
+
+
 def _label_ids(rows: list[dict], cfg: DataConfig) -> tuple[list[int], list[str] | None]:
     values = [r[cfg.label_column] for r in rows]
     if cfg.labels:
@@ -267,7 +325,21 @@ class Splits:
     label_names: list[str] | None = None
 
 
-def load_datasets(cfg: DataConfig, tokenizer, task: str, data_dir: str | Path | None = None) -> Splits:
+def split_names(cfg: DataConfig, source: str) -> tuple[str, str]:
+    """How errors name the train and eval data: the file when it is one, else source (split)."""
+    if cfg.train_file and ", " in source:
+        a, b = source.split(", ", 1)
+        return a, b
+    if not source.startswith("hub:"):
+        folder = Path(source)
+        tr, ev = _find_split(folder, cfg.train_split), _find_split(folder, cfg.eval_split)
+        if tr and ev:
+            return str(tr), str(ev)
+    return f"{source} ({cfg.train_split})", f"{source} ({cfg.eval_split})"
+
+
+def load_datasets(cfg: DataConfig, tokenizer, task: str, data_dir: str | Path | None = None,
+                  num_labels: int | None = None) -> Splits:
     """The train and eval splits tokenised for `task`, where they came from, and the label set.
 
     Classification: a seeded random subset of `train_samples` rows and the first `eval_samples` eval
@@ -283,6 +355,9 @@ def load_datasets(cfg: DataConfig, tokenizer, task: str, data_dir: str | Path | 
             lm_blocks(eval_rows, tokenizer, cfg, f"{source} ({cfg.eval_split})", cfg.eval_samples),
             source,
         )
+    train_where, eval_where = split_names(cfg, source)
+    check_rows(train_rows, cfg, train_where, num_labels)
+    check_rows(eval_rows, cfg, eval_where, num_labels)
     train_rows = _subset(train_rows, cfg.train_samples, cfg.seed)
     eval_rows = eval_rows[: cfg.eval_samples] if cfg.eval_samples else eval_rows
     train, names = classification_dataset(train_rows, tokenizer, cfg, f"{source} ({cfg.train_split})")

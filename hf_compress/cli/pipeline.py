@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -21,17 +21,41 @@ import torch
 
 from ..metrics import classification_metrics, collator_for, evaluate_model
 from ..report import compression_report, quiet_progress
+from .checks import check_folders, preflight, teacher_dirs
 from .data import load_datasets
-from .recipes import Recipe, build_model, build_tokenizer, fingerprint
+from .owned import EXPORT_MARKER, TEACHER_MARKER, clear_owned, mark, present, read_marker
+from .recipes import Recipe, build_model, build_tokenizer, content_hash, fingerprint
 from .report import markdown_table, write_report
 
-FINGERPRINT = "hf_compress_teacher.json"
+FINGERPRINT = TEACHER_MARKER
 # TrainingArguments that do not change the fine-tuned teacher's weights (ignored when deciding reuse)
 NO_EFFECT = {
     "output_dir", "logging_steps", "logging_strategy", "logging_first_step", "disable_tqdm", "report_to", "run_name",
     "save_strategy", "save_steps", "save_total_limit", "eval_strategy", "eval_steps", "per_device_eval_batch_size",
     "log_level", "dataloader_num_workers", "resume_from_checkpoint",
 }
+
+
+def training_args(recipe: Recipe, **extra):
+    """The run's TrainingArguments with the (distributed) state set up, the recipe's ddp_timeout honoured."""
+    args = recipe.training_args(**extra)  # starts the process group with ddp_timeout (recipes.init_distributed)
+    _ = args.device  # sets up the (distributed) state; PartialState() then shares it
+    return args
+
+
+def prepare(recipe: Recipe, say=print):
+    """Tokenizer and data, then every check that needs no training; returns (tokenizer, splits)."""
+    r = recipe
+    check_folders(r)
+    tokenizer = build_tokenizer(r.model.tokenizer, r.model.name)
+    splits = load_datasets(r.data, tokenizer, r.model.task, r.data_dir, num_labels=r.model.num_labels)
+    preflight(r, tokenizer, splits)
+    return tokenizer, splits
+
+
+def data_hash(splits) -> str:
+    """Hash of the training rows actually used (tokens and labels): a changed file means a new teacher."""
+    return content_hash(splits.train["input_ids"], splits.train["labels"])
 
 
 class Run:
@@ -80,7 +104,7 @@ def _millions(model) -> str:
 
 
 def _teacher_dir(recipe: Recipe, i: int, n: int) -> Path:
-    return Path(recipe.out_dir) / ("teacher" if n == 1 else f"teacher-{i}")
+    return teacher_dirs(recipe)[i]
 
 
 def _train(model, args, splits, tokenizer, task, trainer_cls=None, **kw):
@@ -106,9 +130,9 @@ def _load_teachers(run: Run, tokenizer, splits) -> list:
         train = {k: v for k, v in {**r.training, **(r.teacher.train or {})}.items() if k not in NO_EFFECT}
         key = fingerprint({"spec": spec, "model": dataclasses.asdict(r.model), "train": train,
                            "data": dataclasses.asdict(r.data), "source": splits.source,
-                           "num_labels": num_labels, "seed": r.seed})
-        saved = folder / FINGERPRINT
-        if r.teacher.train is not None and r.teacher.reuse and saved.exists() and saved.read_text() == key:
+                           "num_labels": num_labels, "seed": r.seed, "data_sha256": data_hash(splits)})
+        marker = read_marker(folder, TEACHER_MARKER) if r.teacher.train is not None else None
+        if r.teacher.train is not None and r.teacher.reuse and marker and marker.get("fingerprint") == key:
             with run.phase("teacher", f"reusing {folder} (fine-tuned by an earlier run with the same settings)"):
                 teacher = build_model(str(folder), r.model.task, tokenizer, num_labels, seed=r.seed)
             teachers.append(teacher)
@@ -123,11 +147,12 @@ def _load_teachers(run: Run, tokenizer, splits) -> list:
                 trainer = _train(teacher, args, splits, tokenizer, r.model.task)
                 teacher = trainer.model
                 if run.main:
-                    shutil.rmtree(folder, ignore_errors=True)
+                    clear_owned(folder, TEACHER_MARKER)  # only the files an earlier run wrote (checked before training)
+                    before = present(folder)
                     with quiet_progress():
                         teacher.save_pretrained(folder)
                     tokenizer.save_pretrained(folder)
-                    saved.write_text(key)
+                    mark(folder, TEACHER_MARKER, before, fingerprint=key)
                 run.barrier()
         teachers.append(teacher)
     return teachers
@@ -200,15 +225,14 @@ def run_recipe(recipe: Recipe, command: str | None = None) -> dict:
     from transformers import set_seed
 
     r = recipe
-    args = r.training_args()
+    args = training_args(r)
     run = Run(recipe, args)
     task = r.model.task
     set_seed(r.seed)
     dist, prunes, qat = r.distillation_config(), r.pruning_configs(), r.quantization_config()
 
     with run.phase("data", f"loading ({r.data.train_file or r.data.local or r.data.hub})"):
-        tokenizer = build_tokenizer(r.model.tokenizer, r.model.name)
-        splits = load_datasets(r.data, tokenizer, task, r.data_dir)
+        tokenizer, splits = prepare(r)  # data, then every check that needs no training
     unit = "blocks" if task == "causal-lm" else "examples"
     run.say(f"data: {len(splits.train)} training / {len(splits.eval)} evaluation {unit} from {splits.source}")
     num_labels = r.model.num_labels or splits.num_labels
@@ -257,9 +281,15 @@ def run_recipe(recipe: Recipe, command: str | None = None) -> dict:
     compressed = unwrap(trainer.model)
 
     with run.phase("export", r.export_dir):
+        if run.main:  # stale files of an earlier export (a shard index...) go; files the run did not write stay
+            clear_owned(Path(r.export_dir), EXPORT_MARKER)
+            before = present(Path(r.export_dir))
+        run.barrier()
         with quiet_progress():
             trainer.save_model(r.export_dir)
         run.barrier()
+        if run.main:
+            mark(Path(r.export_dir), EXPORT_MARKER, before)
         reload = _reload_check(run, compressed, r.export_dir, splits, tokenizer, task) if run.main and r.export.check_reload else None
 
     result = {"rows": None, "paths": {}}
@@ -291,6 +321,6 @@ def run_recipe(recipe: Recipe, command: str | None = None) -> dict:
         paths = write_report(r.out_dir, rows, title=r.name or Path(r.source or "run").stem, meta=meta, plot=r.report.plot)
         print("\n" + markdown_table(rows) + "\n", flush=True)
         run.say(f"report: {', '.join(str(p) for p in paths.values())} (total {total / 60:.1f} min)")
-        result = {"rows": rows, "paths": paths}
+        result = {"rows": rows, "paths": paths, "export_reload": reload}
     run.barrier()
     return result

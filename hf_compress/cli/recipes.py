@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
+import hashlib
 import json
 import os
 import types
@@ -156,6 +158,8 @@ class Recipe:
             values["average_tokens_across_devices"] = False
         values.update(self.training)
         values.update(extra)
+        check_types(TrainingArguments, _coerce(TrainingArguments, values), "training")
+        init_distributed(values)  # before TrainingArguments, whose __post_init__ sets up the devices
         return build_section(TrainingArguments, values, "training")
 
     def teacher_training_args(self):
@@ -166,7 +170,11 @@ class Recipe:
         for key in train:
             if key not in valid:
                 raise ValueError(unknown_key_message("teacher.train", key, valid, "TrainingArguments"))
-        extra = {"output_dir": str(Path(self.out_dir) / "teacher-run"), "save_strategy": "no"}
+        if train.get("resume_from_checkpoint") is not None:
+            raise ValueError("recipe: `teacher.train.resume_from_checkpoint`: the teacher's fine-tuning is not resumed "
+                             "(it saves no checkpoints); remove the key.")
+        # `training.resume_from_checkpoint` names a checkpoint of the compression run, not of the teacher's
+        extra = {"output_dir": str(Path(self.out_dir) / "teacher-run"), "save_strategy": "no", "resume_from_checkpoint": None}
         return self.training_args(**{**extra, **train})
 
     def distillation_config(self):
@@ -211,6 +219,7 @@ class Recipe:
         self.distillation_config()
         self.pruning_configs()
         self.quantization_config()
+        check_output_places(self)
         return self
 
     def to_dict(self) -> dict:
@@ -219,6 +228,79 @@ class Recipe:
             v = getattr(self, f.name)
             out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
         return out
+
+
+def init_distributed(values: dict) -> None:
+    """Start the gloo process group with `training.ddp_timeout` when launched as several CPU processes.
+
+    On CPU (`use_cpu`) transformers builds accelerate's PartialState without the timeout, so the group
+    would get torch's default (30 min) whatever the recipe says; a group started here, before the first
+    TrainingArguments, is the one accelerate and the Trainer then use. GPUs: transformers passes it itself.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return
+    cpu = values.get("use_cpu") or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if not cpu:
+        return
+    from datetime import timedelta
+
+    dist.init_process_group(backend=values.get("ddp_backend") or "gloo", timeout=timedelta(seconds=values.get("ddp_timeout", 1800)))
+
+
+# ----------------------------------------------------------------------------- where the run writes
+
+
+def check_writable_dir(path: str | os.PathLike, what: str) -> None:
+    """`path` is (or can become) a writable folder: not a file, not under a file, not read-only."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what} {p} is a file, not a folder: choose another path.")
+    parent = p
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if parent != p and parent.exists() and not parent.is_dir():
+        raise ValueError(f"{what} {p} is under {parent}, which is a file, not a folder: choose another path.")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {p}: {parent} is read-only (no write permission): choose a writable path.")
+
+
+def _local_folder(spec: str | None) -> Path | None:
+    if not spec or spec.startswith(("tiny:", "config:", "packaged:")):
+        return None
+    p = Path(spec).expanduser()
+    return p.resolve() if p.is_dir() else None
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_output_places(r: "Recipe") -> None:
+    """Output and export folders are writable and never a source model's folder (the export would overwrite it)."""
+    check_writable_dir(r.out_dir, "output_dir")
+    check_writable_dir(r.export_dir, "export.dir")
+    export = Path(r.export_dir).expanduser().resolve()
+    sources = [("model.name", r.model.name), ("student.name", r.student.name)]
+    sources += [(f"teacher.name" + (f"[{i}]" if isinstance(r.teacher.name, list) else ""), n)
+                for i, n in enumerate(r.teacher.names) if n]
+    if r.model.tokenizer not in (None, "char"):
+        sources.append(("model.tokenizer", r.model.tokenizer))
+    for key, spec in sources:
+        folder = _local_folder(spec)
+        if folder is not None and _inside(export, folder):
+            raise ValueError(
+                f"export.dir {r.export_dir} would overwrite {key}'s folder {spec} (the model the run reads): "
+                "set export.dir (or output_dir) to another folder."
+            )
+    out = Path(r.out_dir).expanduser().resolve()
+    if export == out or (out in export.parents and export.relative_to(out).parts[0].startswith(("teacher", "checkpoints"))):
+        sub = out if export == out else out / export.relative_to(out).parts[0]
+        raise ValueError(f"export.dir {r.export_dir} is {sub}, where the run also writes its teacher, checkpoints and "
+                         "report: choose another folder (default <output_dir>/model).")
 
 
 # ----------------------------------------------------------------------------- generic section checking
@@ -259,6 +341,77 @@ def _coerce(cls, values: dict) -> dict:
     return out
 
 
+def _type_ok(value, tp) -> bool | None:
+    """Whether `value` fits the annotation `tp`: True / False, or None when `tp` is not checkable here."""
+    if tp is Any or tp is object:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        answers = [_type_ok(value, a) for a in typing.get_args(tp)]
+        if any(a is True for a in answers):
+            return True
+        return None if any(a is None for a in answers) else False
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp in (list, dict, tuple):
+        return isinstance(value, tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = typing.get_args(tp)
+        if not args or (origin is tuple and (len(args) != 1 and args[-1] is not Ellipsis)):
+            return True
+        answers = [_type_ok(v, args[0]) for v in value]
+        return False if any(a is False for a in answers) else (None if any(a is None for a in answers) else True)
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return isinstance(value, (str, tp)) or None
+    return None
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list", dict: "a mapping"}
+    if tp in names:
+        return names[tp]
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def check_types(cls, values: dict, where: str) -> None:
+    """Refuse a value whose type does not fit its field's annotation (``seed: abc``, ``train_samples: 10.5``)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:
+        return
+    for key, value in values.items():
+        tp = hints.get(key)
+        if tp is None or dataclasses.is_dataclass(value):
+            continue
+        if _type_ok(value, tp) is False:
+            name = f"{where}.{key}" if where else key
+            raise ValueError(f"recipe: `{name}`={value!r} must be {_type_name(tp)}.")
+
+
 def build_section(cls, values: Any, where: str):
     """`cls(**values)` after checking each key against `dataclasses.fields(cls)`; errors name the recipe key."""
     if values is None:
@@ -272,8 +425,10 @@ def build_section(cls, values: Any, where: str):
                              f"across TrainingArguments and the hf_compress configs): rename the key.")
         if key not in valid:
             raise ValueError(unknown_key_message(where, key, valid, cls.__name__))
+    values = _coerce(cls, values)
+    check_types(cls, values, where)
     try:
-        return cls(**_coerce(cls, values))
+        return cls(**values)
     except TypeError as e:
         required = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         missing = [r for r in required if r not in values]
@@ -352,6 +507,7 @@ def recipe_from_dict(d: dict, source: str | None = None) -> Recipe:
         if d.get(required) is None:
             raise ValueError(f"recipe {source or ''}: the `{required}` section is required.")
     values = {k: v for k, v in d.items()}
+    check_types(Recipe, {k: v for k, v in values.items() if k in ("name", "output_dir", "seed", "data_dir")}, "")
     for key, cls in SECTIONS.items():
         if key in values:
             values[key] = build_section(cls, values[key], key)
@@ -369,15 +525,79 @@ def recipe_from_dict(d: dict, source: str | None = None) -> Recipe:
     return Recipe(**values, source=source)
 
 
+MAX_NODES = 100_000  # a recipe is a few hundred values; more after alias expansion is a YAML "billion laughs"
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue
+            if key in seen:
+                raise ValueError(
+                    f"line {key_node.start_mark.line + 1}: duplicate key `{key}` (first at line {seen[key]}); "
+                    "YAML would silently keep only the last one."
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, budget: int) -> int:
+    """Nodes of the YAML tree once its aliases are expanded, counting stops past `budget`."""
+    count, stack = 0, [node]
+    while stack:
+        n = stack.pop()
+        count += 1
+        if count > budget:
+            return count
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                stack.extend((k, v))
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+    return count
+
+
+def read_yaml(path: Path):
+    """The YAML mapping in `path`; duplicate keys and alias bombs are refused."""
+    text = path.read_text(encoding="utf-8")
+    loader = _RecipeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return {}
+        if _expanded_size(root, MAX_NODES) > MAX_NODES:
+            raise ValueError(
+                f"recipe {path}: expands to more than {MAX_NODES:,} values (YAML aliases `*name` repeated inside "
+                "each other?); write the recipe out plainly."
+            )
+        return loader.construct_document(root)
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith("recipe ") else f"recipe {path}: {msg}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {path}: not valid YAML ({' '.join(str(e).split())}).") from None
+    finally:
+        loader.dispose()
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, validate: bool = True) -> Recipe:
     """Read a YAML recipe, apply dotted `overrides`, check every section. Raises ValueError on bad input."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"recipe {path} not found (the shipped ones are in configs/, e.g. configs/sst2_minilm.yaml).")
+    if path.is_dir():
+        raise ValueError(f"recipe {path} is a folder: pass the recipe's YAML file (e.g. configs/sst2_minilm.yaml).")
     try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"recipe {path}: not valid YAML ({e}).") from None
+        d = read_yaml(path) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"recipe {path} cannot be read ({type(e).__name__}: {e}).") from None
     if not isinstance(d, dict):
         raise ValueError(f"recipe {path}: the file must hold a YAML mapping (key: value lines), got {type(d).__name__}.")
     recipe = recipe_from_dict(apply_overrides(d, overrides or []), source=str(path))
@@ -386,6 +606,15 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, val
 
 def fingerprint(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
+
+
+def content_hash(*parts: Any) -> str:
+    """sha256 of JSON-serialisable contents (e.g. the token ids and labels a teacher is trained on)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- models and tokenizers

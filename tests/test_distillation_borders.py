@@ -86,6 +86,7 @@ def test_ga_alpha_zero_causal_lm_equals_stock_trainer(tmp_path):
     # the logged loss is the step's token mean too
     ref_loss = copy.deepcopy(student)(**data.batch()).loss.item()
     assert ours.state.log_history[0]["loss"] == pytest.approx(ref_loss, rel=1e-4)
+    assert ours.state.log_history[0]["hard_loss"] == pytest.approx(ref_loss, rel=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd"])

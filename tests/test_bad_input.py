@@ -65,6 +65,66 @@ def data(tmp, rows, **cfg):
     load_datasets(DataConfig(local=str(tmp / "d"), **cfg), tok, "sequence-classification")
 
 
+TOY = [{"sentence": w, "label": i % 2} for i, w in enumerate(["good film", "bad plot", "fine actor", "dull scene"] * 4)]
+
+
+def dry(tmp, text="", rows=None, name="train.jsonl", model="config: {layers: 2}", max_length=24):
+    """What `hf-compress run --dry-run` checks: the recipe, then data, folders and meta-device models."""
+    import json
+
+    from hf_compress.cli.pipeline import prepare
+
+    folder = tmp / "toy"
+    folder.mkdir(exist_ok=True)
+    for split in ("train", "validation"):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in TOY) + "\n")
+    if rows is not None:
+        (folder / name).write_text(rows)
+    base = (f"output_dir: {tmp / 'run'}\nmodel: {{name: 'tiny:bert', {model}}}\n"
+            f"data: {{local: {folder}, text_column: sentence, max_length: {max_length}}}\n")
+    r = recipe(tmp, base + text)
+    prepare(r)
+
+
+def in_folder(tmp, sub, text):
+    (tmp / "run" / sub).mkdir(parents=True)
+    (tmp / "run" / sub / "model.safetensors").write_bytes(b"the user's weights")
+    dry(tmp, text)
+
+
+def own_model(tmp, export):
+    m = tiny_bert(layers=2)
+    m.save_pretrained(tmp / "mine")
+    recipe(tmp, f"model: {{name: {tmp / 'mine'}, tokenizer: char}}\ndata: {{local: x}}\nexport: {{dir: {tmp / 'mine' / export}}}\n")
+
+
+def read_only(tmp):
+    import os
+
+    real = os.access
+    os.access = lambda p, mode, **k: False if Path(p) == tmp / "ro" else real(p, mode, **k)
+    try:
+        (tmp / "ro").mkdir()
+        recipe(tmp, BASE + f"output_dir: {tmp / 'ro' / 'out'}\n")
+    finally:
+        os.access = real
+
+
+def alias_bomb(tmp):
+    from hf_compress.cli.recipes import load_recipe
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    (tmp / "bomb.yaml").write_text("\n".join(lines) + "\n" + BASE + "name: *a8\n")
+    load_recipe(tmp / "bomb.yaml")
+
+
+def recipe_folder(tmp):
+    from hf_compress.cli.recipes import load_recipe
+
+    load_recipe(tmp)
+
+
 def missing_data(tmp):
     from hf_compress.cli.data import DataConfig, load_rows
 
@@ -127,6 +187,34 @@ CASES = {
     "data-missing": (lambda t: missing_data(t), FileNotFoundError, r"data_dir=DIR"),
     "data-columns": (lambda t: data(t, [{"sentence": "good", "label": 1}] * 4), ValueError, r"text_column"),
     "load-pickle": (pickle_only, FileNotFoundError, r"safetensors only"),
+    "recipe-type": (lambda t: recipe(t, BASE + "seed: abc\n"), ValueError, r"`seed`='abc' must be an integer"),
+    "recipe-duplicate-key": (lambda t: recipe(t, BASE + "seed: 1\nseed: 2\n"), ValueError, r"line 4: duplicate key `seed`"),
+    "recipe-alias-bomb": (alias_bomb, ValueError, r"expands to more than"),
+    "recipe-folder": (recipe_folder, ValueError, r"is a folder"),
+    "output-dir-file": (lambda t: recipe(t, BASE + f"output_dir: {t / 'r.yaml'}\n"), ValueError, r"output_dir .* is a file"),
+    "output-dir-under-file": (lambda t: recipe(t, BASE + f"output_dir: {t / 'r.yaml' / 'x'}\n"), ValueError, r"which is a file"),
+    "output-dir-read-only": (read_only, ValueError, r"read-only"),
+    "export-over-model": (lambda t: own_model(t, "compressed"), ValueError, r"would overwrite model.name's folder"),
+    "teacher-train-resume": (lambda t: recipe(t, BASE + "teacher: {train: {resume_from_checkpoint: x}}\n"), ValueError,
+                             r"teacher.train.resume_from_checkpoint"),
+    "teacher-folder-foreign": (lambda t: in_folder(t, "teacher", "teacher: {train: {max_steps: 1}}\n"), ValueError,
+                               r"teacher folder .* holds files hf-compress did not write \(model.safetensors"),
+    "export-foreign-files": (lambda t: in_folder(t, "model", ""), ValueError, r"export.dir .* holds files hf-compress did not write"),
+    "data-bad-line": (lambda t: dry(t, rows='{"sentence": "a", "label": 1}\n{"sentence": \n'), ValueError,
+                      r"train.jsonl line 2: not valid JSON"),
+    "data-label-negative": (lambda t: dry(t, rows='{"sentence": "a", "label": 1}\n{"sentence": "b", "label": -1}\n'),
+                            ValueError, r"train.jsonl row 2: label -1 is negative"),
+    "data-label-missing": (lambda t: dry(t, rows='{"sentence": "a", "label": 1}\n{"sentence": "b"}\n'), ValueError,
+                           r"train.jsonl row 2 has no label"),
+    "data-num-labels-one": (lambda t: dry(t, model="num_labels: 1"), ValueError, r"num_labels=1 \(one output"),
+    "data-label-range": (lambda t: dry(t, model="num_labels: 2", rows='{"sentence": "a", "label": 5}\n'), ValueError,
+                         r"train.jsonl row 1: label 5 is out of range for model.num_labels=2"),
+    "dry-max-length": (lambda t: dry(t, max_length=128), ValueError, r"max_length=128 exceeds the 64 positions"),
+    "dry-student-layers": (lambda t: dry(t, "student: [0, 5]\n"), ValueError, r"index 5 is out of range"),
+    "dry-nm-divisible": (lambda t: dry(t, "pruning: {granularity: 'n:m', n: 2, m: 5}\n"), ValueError, r"divisible by m=5"),
+    "dry-group-size": (lambda t: dry(t, "quantization: {weight_bits: 4, group_size: 24}\n"), ValueError, r"group_size`=24 does not divide"),
+    "dry-layer-bits": (lambda t: dry(t, "quantization: {layer_bits: {nomatch: 4}}\n"), ValueError, r"pattern 'nomatch' matches no Linear"),
+    "dry-model-config-key": (lambda t: dry(t, model="config: {layers: 2, layerz: 3}"), ValueError, r"`model.config.layerz`"),
 }
 
 

@@ -248,7 +248,8 @@ class StatefulCallback(TrainerCallback):
         where = f"{checkpoint_dir(args, state)} (or TrainingArguments.resume_from_checkpoint)"
         if ckpt is None:
             raise ValueError(
-                f"Resuming at step {state.global_step}, but no {self.name} state for that step was found in {where}. "
+                f"Resuming at step {state.global_step}, but no {self.name} state for that step was found in {where}: "
+                "it was written without it, or its save was interrupted. "
                 "When you resume from a checkpoint outside output_dir, also set "
                 "TrainingArguments(resume_from_checkpoint=PATH) to it (the callbacks read it there), or start a fresh run."
             )

@@ -21,14 +21,16 @@ def prepare(model: nn.Module, config) -> Pruner:
 
 
 @torch.no_grad()
-def measured_sparsity(model: nn.Module, config) -> float:
-    """Fraction of exactly-zero weights in the layers `config` targets, read from the weights themselves."""
+def measured_sparsity(model: nn.Module, config) -> float | None:
+    """Fraction of exactly-zero weights in the (float Linear) layers `config` targets, read from the weights
+    themselves; None when there are none (e.g. all converted to low-bit layers already)."""
     zeros = total = 0
-    for module in select_modules(unwrap(model), config.pruning_targets, config.pruning_exclude).values():
+    chosen = select_modules(unwrap(model), config.pruning_targets, config.pruning_exclude, require=False)
+    for module in chosen.values():
         w = module.weight
         zeros += int(sum_shards((local(w.detach()) == 0).sum(), w))
         total += w.numel()
-    return zeros / total if total else 0.0
+    return zeros / total if total else None
 
 
 def convert(model: nn.Module, config, name: str | None = None) -> dict | None:
@@ -43,15 +45,18 @@ def convert(model: nn.Module, config, name: str | None = None) -> dict | None:
     """
     model = unwrap(model)
     c = config
+    meta = get_metadata(model).get("pruning", {})
+    name = name or c.tag
+    before = next((r for r in meta.get("runs", []) if r.get("name") == name), {})
+    sparsity = measured_sparsity(model, c)
     info = {
-        "name": name or c.tag,
+        "name": name,
         "granularity": c.granularity if c.granularity != "n:m" else f"{c.n}:{c.m}",
         "method": c.method,
         "target_sparsity": c.target_sparsity,
-        "sparsity": round(measured_sparsity(model, c), 6),
+        "sparsity": round(sparsity, 6) if sparsity is not None else before.get("sparsity"),
     }
-    meta = get_metadata(model).get("pruning", {})
-    runs = [r for r in meta.get("runs", []) if r.get("name") != info["name"]]
+    runs = [r for r in meta.get("runs", []) if r.get("name") != name]
     removed = None
     if c.structured and c.remove_pruned:
         if any(is_sharded(p) for p in model.parameters()):

@@ -87,7 +87,9 @@ def convert(
         if config is None:
             raise ValueError("quantization.convert: pass the QATConfig (or a plan from build_plan / prepare).")
         layers_now = fake_quant_layers(model)
-        plan = {n: m.hfc_plan for n, m in layers_now.items()} or build_plan(model, config)
+        recorded = get_metadata(model).get("quantization", {}).get("layers", {})
+        plan = {n: m.hfc_plan for n, m in layers_now.items()} or build_plan(model, config, require=not recorded)
+        plan.update({n: LayerPlan.from_dict(d) for n, d in recorded.items() if n not in plan})
     if config is not None and export is None:
         export = field_of(config, "export")
     if any(is_sharded(p) for p in model.parameters()):

@@ -95,12 +95,13 @@ def in_features(module: nn.Module) -> int:
     return module.weight.shape[1 - out_axis(module)]
 
 
-def build_plan(model: nn.Module, config) -> dict[str, LayerPlan]:
+def build_plan(model: nn.Module, config, require: bool = True) -> dict[str, LayerPlan]:
     """{layer name: LayerPlan} for the Linear layers selected by `qat_targets` / `qat_exclude`.
 
-    Raises ValueError when nothing matches or a group size does not tile a layer's input width.
+    Raises ValueError when a group size does not tile a layer's input width, and (`require`) when nothing matches.
     """
-    chosen = select_modules(model, field_of(config, "qat_targets"), field_of(config, "qat_exclude"), field="qat_targets")
+    chosen = select_modules(model, field_of(config, "qat_targets"), field_of(config, "qat_exclude"), field="qat_targets",
+                            require=require)
     act = act_scheme(config)
     plan = {}
     for name, module in chosen.items():

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("recipe", metavar="RECIPE.yaml", help="the recipe file (see configs/)")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of recipe keys, e.g. training.max_steps=50")
-    run.add_argument("--dry-run", action="store_true", help="check the recipe (every section is built and validated), print it resolved, and stop")
+    run.add_argument("--dry-run", action="store_true", help="run every check that needs no training (recipe values, data files and labels, output folders, "
+                     "models built on the meta device), print the recipe resolved, and stop")
 
     rep = sub.add_parser(
         "report", help="re-render the report of a finished run",

@@ -159,6 +159,16 @@ class StatefulCallback(TrainerCallback):
     base_name = "state"
     name: str | None = None
 
+    def refuse_zero3(self) -> None:
+        """DeepSpeed ZeRO-3 partitions every parameter: masks, observers and convert would see empty shards."""
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise ValueError(
+                f"{type(self).__name__} does not support DeepSpeed ZeRO-3 (partitioned parameters): use DDP, "
+                "DeepSpeed ZeRO-1/2, or FSDP2 (docs/architecture.md says which techniques run sharded)."
+            )
+
     def claim_name(self, model: torch.nn.Module) -> str:
         """`base_name`, or `base_name_2`, `_3`... when another live callback on this model has it (in list order,
         so a resumed run gets the same names)."""

@@ -1,4 +1,4 @@
-"""GPU-only paths: FSDP2 and DeepSpeed ZeRO-3 runs of a tiny KD + pruning + QAT recipe, bitsandbytes on CUDA.
+"""GPU-only paths: an FSDP2 run of a tiny KD + pruning recipe, bitsandbytes on CUDA (DeepSpeed ZeRO-3 is refused).
 
 They need hardware this CPU suite does not have, so they skip with a reason naming it. Run them on a
 machine with 2+ CUDA GPUs: `pytest tests/test_gpu.py`. (Not yet run by the project: see BENCHMARKS.md.)
@@ -28,12 +28,11 @@ def _launch(config: str, recipe: Path, *overrides: str) -> subprocess.CompletedP
 
 
 @two_gpus
-@pytest.mark.parametrize("config", ["fsdp2.yaml", "deepspeed_zero3.yaml"])
-def test_sharded_kd_pruning_qat_run(tmp_path, sentiment, config):  # noqa: F811
-    if config.startswith("deepspeed"):
-        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+@pytest.mark.parametrize("config", ["fsdp2.yaml"])
+def test_sharded_kd_pruning_run(tmp_path, sentiment, config):  # noqa: F811
+    # QAT and structured removal under FSDP2 are refused at train begin (convert needs the full model)
     recipe = classification_recipe(tmp_path, sentiment)
-    proc = _launch(config, recipe, "quantization.export=null", "training.save_strategy=steps", "training.save_steps=4")
+    proc = _launch(config, recipe, "quantization=null", "training.save_strategy=steps", "training.save_steps=4")
     assert proc.returncode == 0, proc.stderr[-5000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     student = report["rows"][1]

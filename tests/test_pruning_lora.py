@@ -127,7 +127,7 @@ def test_save_reload_same_logits(run, tmp_path):
 @pytest.mark.parametrize("method", ["taylor", "movement"])
 def test_gradient_method_on_frozen_base_weights_is_an_error(method, tmp_path):
     args = TrainingArguments(str(tmp_path), max_steps=2, use_cpu=True, report_to=[], save_strategy="no")
-    cb = PruningCallback(PruningConfig(method=method, start_step=1))
+    cb = PruningCallback(PruningConfig(method=method, pruning_start_step=1))
     with pytest.raises(ValueError, match=rf"method='{method}'.*frozen \(requires_grad=False\).*method='magnitude'"):
         Trainer(model=lora(tiny_bert(layers=2)), args=args, train_dataset=TokenDataset(8), callbacks=[cb])
 

@@ -78,6 +78,7 @@ class PruningCallback(StatefulCallback):
 
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        self.refuse_zero3()
         if model is not None:
             self._pruner(model)
         if args.max_steps and args.max_steps > 0:

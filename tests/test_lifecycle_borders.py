@@ -228,3 +228,28 @@ def test_zero3_is_refused_when_the_trainer_is_built(tmp_path, monkeypatch, callb
     monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
     with pytest.raises(ValueError, match="does not support DeepSpeed ZeRO-3"):
         make(tmp_path, [callback()])
+
+
+# ----------------------------------------------------------------------------- distillation projections too
+
+
+def test_kill_after_rotation_keeps_the_distillation_projections(tmp_path):
+    from hf_compress import DistillationConfig, DistillationTrainer
+
+    def kd(out, callbacks):
+        args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], max_steps=6, save_strategy="steps",
+                                 save_steps=2, save_total_limit=1, per_device_train_batch_size=8, disable_tqdm=True, seed=0)
+        return DistillationTrainer(model=tiny_bert(layers=2, seed=2), teacher_model=tiny_bert(layers=4, hidden=48, ffn=96, seed=1),
+                                   args=args, distillation_config=DistillationConfig(alpha=0.5, hidden_loss_weight=1.0),
+                                   train_dataset=TokenDataset(n=96, seed=3), callbacks=callbacks)
+
+    ref = kd(tmp_path / "ref", [])
+    ref.train()
+    with pytest.raises(Killed):
+        kd(tmp_path / "b", [KillAt("on_save", 4)]).train()
+    ckpt = get_last_checkpoint(str(tmp_path / "b"))
+    assert ckpt.endswith("checkpoint-4") and not (Path(ckpt) / "hf_compress").exists()
+    t = kd(tmp_path / "b", [])
+    t.train(resume_from_checkpoint=ckpt)  # the projections come from the staged copy
+    assert_same(final(t), final(ref))
+    assert all(torch.equal(a, b) for a, b in zip(t.projections.parameters(), ref.projections.parameters()))

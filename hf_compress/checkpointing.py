@@ -129,6 +129,37 @@ def load_state(
     return tensors, meta
 
 
+def check_state_tensors(
+    ckpt: str, name: str, tensors: dict[str, torch.Tensor], expected: dict[str, tuple], optional: dict[str, tuple] | None = None
+) -> None:
+    """Refuse a saved state that does not fit this run before anything is copied from it: a tensor missing,
+    of another shape (``copy_`` would broadcast it silently), or holding NaN/Inf (masks, scores and observer
+    ranges are finite in any state a run writes)."""
+    where = f"{ckpt}/{SUBDIR}/{name}.safetensors"
+    missing = sorted(k for k in expected if k not in tensors)
+    if missing:
+        raise ValueError(
+            f"Resuming from {ckpt}: the {name} state ({where}) lacks {missing[:3]} ({len(missing)} tensor(s)); it was "
+            "written for another model or edited. Resume from a checkpoint of this run, or start a fresh run."
+        )
+    shapes = {**(optional or {}), **expected}
+    wrong = [(k, tuple(tensors[k].shape), tuple(want)) for k, want in shapes.items() if k in tensors and tuple(tensors[k].shape) != tuple(want)]
+    if wrong:
+        k, got, want = wrong[0]
+        raise ValueError(
+            f"Resuming from {ckpt}: in the {name} state ({where}) `{k}` has shape {list(got)} but this model needs "
+            f"{list(want)} ({len(wrong)} tensor(s) differ); it was written for another model or edited. Resume from "
+            "a checkpoint of this run, or start a fresh run."
+        )
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"Resuming from {ckpt}: the {name} state ({where}) holds NaN/Inf in `{k}`; the file is damaged "
+                "(a run never saves non-finite masks, scores or observer ranges). Resume from an earlier checkpoint, "
+                "or start a fresh run."
+            )
+
+
 def fingerprint(weights) -> float:
     """A number that changes with the weights (sum of |w| in float64, over every shard): ties a saved
     state to the weights it was saved with."""
@@ -267,7 +298,18 @@ class StatefulCallback(TrainerCallback):
             )
         tensors, meta = load_state(ckpt, self.name, config=config, device=device)
         self.check_fingerprint(ckpt, meta)
+        check_state_tensors(ckpt, self.name, tensors, self.expected_state(), self.optional_state())
         return tensors, meta, ckpt
+
+    def expected_state(self) -> dict[str, tuple[int, ...]]:
+        """Shapes the saved state must have, by tensor name (what this callback would save now); subclasses
+        add the names whose presence depends on the run (e.g. a rewind snapshot)."""
+        now = self.state_tensors() or {}
+        return {k: tuple(v.shape) for k, v in now.items()}
+
+    def optional_state(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of tensors a saved state may hold or not (checked when present)."""
+        return {}
 
     def check_fingerprint(self, ckpt: str, meta: dict) -> None:
         saved = meta.get("fingerprint")

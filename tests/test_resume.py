@@ -86,3 +86,36 @@ def test_checkpoint_cut_short_while_saving_does_not_load_as_complete(tmp_path):
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(Exception):
         run(tmp_path, resume=str(ckpt))
+
+
+def _tamper(path, edit):
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize(
+    "what, edit, message",
+    [
+        ("mask shape", lambda t: t.update({k: v[:1] for k, v in list(t.items()) if k.startswith("mask.")}), r"has shape \[1, "),
+        ("score NaN", lambda t: next(v for k, v in t.items() if k.startswith("score.")).view(-1).__setitem__(0, float("nan")), "NaN/Inf in `score."),
+        ("mask missing", lambda t: t.pop(next(k for k in list(t) if k.startswith("mask."))), "lacks"),
+        ("observer range Inf", None, r"NaN/Inf in `.*\.hi`"),
+    ],
+)
+def test_checkpoint_state_is_validated_before_it_is_loaded(tmp_path, what, edit, message):
+    """A damaged or foreign state file is refused on resume, naming the tensor; before, a 1-row mask was
+    broadcast over every row by copy_ and NaN scores/ranges were loaded as they were."""
+    run(tmp_path, stop=4)
+    state = tmp_path / "checkpoint-4" / "hf_compress"
+    if edit is None:  # the QAT observers
+        def edit(t):
+            t[next(k for k in t if k.endswith(".hi"))].fill_(float("inf"))
+        path = state / "qat.safetensors"
+    else:
+        path = state / "pruning_unstructured.safetensors"
+    _tamper(path, edit)
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, resume=str(tmp_path / "checkpoint-4"))

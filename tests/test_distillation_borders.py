@@ -177,6 +177,19 @@ def test_frozen_student_refused_before_training(tmp_path):
                             args=_args(tmp_path))
 
 
+def test_self_distillation_from_the_student_object_refused(tmp_path):
+    """teacher_model=model (or a teacher sharing tensors with it): the targets would chase the student."""
+    student = tiny_bert(layers=1, seed=2)
+    with pytest.raises(ValueError, match=r"teacher_model\[0\] is the student itself.*copy.deepcopy"):
+        DistillationTrainer(model=student, teacher_model=student, train_dataset=_cls_rows(8), args=_args(tmp_path))
+    teacher = tiny_bert(layers=1, seed=1)
+    teacher.bert.embeddings = student.bert.embeddings  # e.g. a teacher built around the student's embeddings
+    with pytest.raises(ValueError, match=r"shares \d+ parameter tensor\(s\) with the student"):
+        DistillationTrainer(model=student, teacher_model=teacher, train_dataset=_cls_rows(8), args=_args(tmp_path))
+    # a copy is fine
+    DistillationTrainer(model=student, teacher_model=copy.deepcopy(student), train_dataset=_cls_rows(8), args=_args(tmp_path))
+
+
 # ---- 3. multi-label heads --------------------------------------------------------------------------
 
 

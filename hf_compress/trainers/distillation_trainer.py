@@ -220,6 +220,16 @@ class DistillationTrainer(Trainer):
         for i, t in enumerate(teachers):
             if not isinstance(t, nn.Module) or getattr(_base(t), "config", None) is None:
                 raise ValueError(f"teacher_model[{i}] must be a transformers model (with .config), got {type(t).__name__}.")
+        student_params = {id(p) for p in _base(student).parameters()}
+        for i, t in enumerate(teachers):
+            shared = sum(1 for p in _base(t).parameters() if id(p) in student_params)
+            if shared:
+                what = "is the student itself" if _base(t) is _base(student) else f"shares {shared} parameter tensor(s) with the student"
+                raise ValueError(
+                    f"teacher_model[{i}] {what} (model=): the teacher would move with every update, so the soft targets "
+                    "would chase the student's own predictions and teach nothing. Distil from a separate copy made "
+                    "before training: teacher_model=copy.deepcopy(model) (or the fine-tuned model loaded again)."
+                )
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(
                 f"The student (model=, {type(student).__name__}) has no trainable parameter: every parameter has "

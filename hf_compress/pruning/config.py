@@ -72,6 +72,14 @@ class PruningConfig:
         metadata={"help": "Structured granularities: at the end of training delete the pruned heads / neurons / "
                           "layers (smaller Linear layers, fewer heads and layers) instead of leaving zeros."},
     )
+    uniform: bool = field(
+        default=False,
+        metadata={"help": "heads / neurons: remove the same number of units in every layer (the budget split evenly, "
+                          "each layer losing its lowest-scoring units; scope does not apply), so the result is a plain "
+                          "architecture whose stock config.json loads with transformers alone. Refused when the "
+                          "model's config cannot express it (fewer heads in BERT-family models and GPT-2). Not for "
+                          "unstructured / n:m (no shapes change) or layers (depth is always in the config)."},
+    )
 
     def __post_init__(self):
         nm = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.granularity))
@@ -135,6 +143,15 @@ class PruningConfig:
             raise ValueError(
                 "PruningConfig: granularity='layers' needs remove_pruned=True — a pruned layer is skipped by a "
                 "forward hook while training, which a saved model would not keep."
+            )
+        if not isinstance(self.uniform, bool):
+            raise ValueError(f"PruningConfig.uniform={self.uniform!r} must be True or False.")
+        if self.uniform and self.granularity not in ("heads", "neurons"):
+            why = ("removing whole layers already gives a plain architecture (num_hidden_layers in the config)"
+                   if self.granularity == "layers" else "it changes no shapes, so its result is always a plain architecture")
+            raise ValueError(
+                f"PruningConfig.uniform=True applies to granularity 'heads' or 'neurons' (the same count in every "
+                f"layer); granularity={self.granularity!r}: {why}. Drop uniform=True."
             )
         if self.pruning_targets is not None and isinstance(self.pruning_targets, str):
             self.pruning_targets = [self.pruning_targets]

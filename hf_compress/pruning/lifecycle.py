@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -9,14 +11,21 @@ from ..metadata import get_metadata, record
 from ..modules import select_modules, unwrap
 from ..sharding import is_sharded, local, sum_shards
 from .pruner import Pruner
-from .structured import remove_pruned
+from .structured import check_uniform, is_uniform, remove_pruned
 
 
 def prepare(model: nn.Module, config) -> Pruner:
-    """The `Pruner` (masks and scores) of the layers `config` (a PruningConfig) targets; checks the target."""
+    """The `Pruner` (masks and scores) of the layers `config` (a PruningConfig) targets; checks the target.
+    With ``config.uniform`` the units are ranked within each layer (every layer loses the same number) and
+    the model is checked to be one whose stock config can describe the result (`check_uniform`)."""
     c = config
-    pruner = Pruner(model, c.method, c.granularity, c.scope, c.n, c.m, c.pruning_targets, c.pruning_exclude)
+    uniform = getattr(c, "uniform", False)
+    # uniform: every layer loses round(s * units) of its own lowest-scoring units — per-layer ranking ("local")
+    scope = "local" if uniform else c.scope
+    pruner = Pruner(model, c.method, c.granularity, scope, c.n, c.m, c.pruning_targets, c.pruning_exclude)
     pruner.check_target(c.target_sparsity)
+    if uniform:
+        check_uniform(model, c.granularity, c.target_sparsity, pruner.groups)
     return pruner
 
 
@@ -56,6 +65,8 @@ def convert(model: nn.Module, config, name: str | None = None) -> dict | None:
         "target_sparsity": c.target_sparsity,
         "sparsity": round(sparsity, 6) if sparsity is not None else before.get("sparsity"),
     }
+    if getattr(c, "uniform", False):
+        info["uniform"] = True
     runs = [r for r in meta.get("runs", []) if r.get("name") != name]
     removed = None
     if c.structured and c.remove_pruned:
@@ -67,6 +78,12 @@ def convert(model: nn.Module, config, name: str | None = None) -> dict | None:
             )
         removed = remove_pruned(model)
         meta = get_metadata(model)["pruning"]
+        if getattr(c, "uniform", False) and not is_uniform(model):
+            warnings.warn(
+                f"PruningConfig.uniform=True, but the layers now differ ({meta.get('heads')} heads, {meta.get('ffn')} "
+                "FFN neurons): some other units were all zero too, or the model was pruned non-uniformly before. "
+                "The export needs hf_compress to load (its config says so).", stacklevel=2,
+            )
     meta["runs"] = runs + [info]
     record(model, "pruning", meta)
     return removed

@@ -9,6 +9,7 @@ that record to rebuild the same shapes before the weights are loaded (`load_pret
 
 from __future__ import annotations
 
+import copy
 from types import ModuleType
 
 import torch
@@ -116,3 +117,72 @@ def apply_structure(model: nn.Module, meta: dict) -> nn.Module:
             if w < c:
                 remove(model, i, list(range(w, c)))
     return model
+
+
+def uniform_keep(n_units: int, sparsity: float) -> int:
+    """Units every layer keeps when `sparsity` of each layer's `n_units` go (at least one stays)."""
+    return n_units - min(round(sparsity * n_units), n_units - 1)
+
+
+def check_uniform(model: nn.Module, kind: str, sparsity: float, groups: list[UnitGroup]) -> None:
+    """ValueError unless `uniform=True` pruning of `kind` ("heads" / "neurons") to `sparsity` leaves shapes the
+    model's stock config describes: `groups` (the targeted units) cover every layer with the same count, and a
+    model built from the config written after removal (the family's `sync_config`) has the pruned shapes —
+    checked by doing the surgery on a meta-device skeleton, so nothing is allocated."""
+    from transformers import PreTrainedModel
+
+    model = unwrap(model)
+    fam = family(model)
+    blocks = find_blocks(model)[1]
+    what = "key/value heads" if kind == "heads" and fam.NAME == "llama" else ("heads" if kind == "heads" else "FFN neurons")
+    covered = sorted(g.layer for g in groups)
+    if covered != list(range(len(blocks))):
+        missing = sorted(set(range(len(blocks))) - set(covered))
+        raise ValueError(
+            f"PruningConfig.uniform=True keeps the same number of {what} in every layer, but pruning_targets / "
+            f"pruning_exclude leave layers {missing} untouched: target every layer, or set uniform=False."
+        )
+    counts = [g.n_units for g in groups]
+    if len(set(counts)) != 1:
+        raise ValueError(
+            f"PruningConfig.uniform=True needs every layer to start with the same number of {what}, but they "
+            f"have {counts} (pruned non-uniformly before?): set uniform=False."
+        )
+    n = counts[0]
+    keep = uniform_keep(n, sparsity)
+    refused = getattr(fam, "UNIFORM_REFUSED", {}).get(kind)
+    if keep < n and refused:
+        raise ValueError(f"PruningConfig.uniform=True with granularity={kind!r} on {type(model).__name__}: {refused}")
+    if keep == n:
+        return
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(
+            f"PruningConfig.uniform=True promises a stock config, which needs a transformers PreTrainedModel; "
+            f"{type(model).__name__} is not one: set uniform=False."
+        )
+    remove = fam.remove_heads if kind == "heads" else fam.remove_neurons
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)(copy.deepcopy(model.config))
+        for g in fam.groups(skeleton, kind):
+            remove(skeleton, g.layer, list(range(keep, g.n_units)))
+        fam.sync_config(skeleton)
+        with torch.device("meta"):
+            rebuilt = type(model)(skeleton.config)
+        ok = fam.structure(rebuilt) == fam.structure(skeleton)
+    except Exception as e:  # noqa: BLE001 - any failure means the stock config cannot describe it
+        ok, detail = False, f" ({type(e).__name__}: {e})"
+    else:
+        detail = ""
+    if not ok:
+        raise ValueError(
+            f"PruningConfig.uniform=True with granularity={kind!r}: {type(model).__name__}'s config cannot describe "
+            f"{keep} of {n} {what} per layer{detail}, so the export would need hf_compress anyway. Set uniform=False "
+            "(hf_compress.load_pretrained, or the Auto classes after `import hf_compress`, reload any shapes)."
+        )
+
+
+def is_uniform(model: nn.Module) -> bool:
+    """Every layer has the same head count and the same FFN width."""
+    s = structure(model)
+    return all(len(set(v)) <= 1 for v in s.values())

@@ -11,6 +11,13 @@ from ...modules import find_blocks
 from .common import drop_layers, first_block, kept_units, shrink, uniform_or_max, unit_groups
 
 NAME = "bert"
+# what `uniform=True` cannot do for this family, and why (PruningConfig.uniform)
+UNIFORM_REFUSED = {
+    "heads": "BERT-family configs have no head_dim field: the head size is hidden_size / num_attention_heads, "
+             "so a stock config with fewer heads builds wider heads, not the kept ones. Uniform FFN neurons "
+             "(intermediate_size) and removed layers (num_hidden_layers) are expressible: prune heads with "
+             "uniform=False (the export then needs hf_compress to load) or prune neurons / layers only.",
+}
 
 
 def matches(model: nn.Module) -> bool:

@@ -13,6 +13,13 @@ from ...modules import find_blocks
 from .common import drop_layers, first_block, kept_units, shrink, uniform_or_max, unit_groups
 
 NAME = "gpt2"
+# what `uniform=True` cannot do for this family, and why (PruningConfig.uniform)
+UNIFORM_REFUSED = {
+    "heads": "GPT2Config has no head_dim field: the head size is n_embd / n_head, so a stock config with fewer "
+             "heads builds wider heads, not the kept ones. Uniform FFN neurons (n_inner) and removed layers "
+             "(n_layer) are expressible: prune heads with uniform=False (the export then needs hf_compress to "
+             "load) or prune neurons / layers only.",
+}
 
 
 def matches(model: nn.Module) -> bool:

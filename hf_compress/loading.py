@@ -1,13 +1,15 @@
 """Reloading compressed models (top layer: imports the technique packages' rebuild functions).
 
-`load_pretrained` reads the ``hf_compress`` entry of ``config.json`` (`hf_compress.metadata`),
-rebuilds the same structure (pruned units and layers, low-bit layers), then loads the safetensors
+`load_pretrained` checks the directory before it allocates anything (`hf_compress.storage`): weight files
+are regular files inside the directory, their safetensors headers are read (not the tensors), config.json's
+layer counts fit them, the class is a transformers model class, and a meta-device skeleton built from the
+config — shrunk to the recorded pruned shapes — matches the headers tensor for tensor. Then it rebuilds the
+same structure (pruned units and layers, low-bit layers, sparse-bitmask weights) and loads the safetensors
 weights. Weights are read from safetensors only. Nothing in the library below this imports it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,49 +18,83 @@ from torch import nn
 
 from .metadata import get_metadata
 from .modules import model_class_for
-from .pruning.structured import apply_structure
+from .pruning.structured import apply_structure, structure
 from .quantization import rebuild_quantized
+from .storage import attach_listed, check_checkpoint, check_metadata, check_raw_config, read_headers, weight_files
 
 
 def load_state_dict_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of the (possibly sharded) safetensors files in `path`. Never unpickles."""
+    """Every tensor of the (possibly sharded) safetensors files in `path`, each file checked first
+    (`storage.weight_files`: regular files inside `path`). Never unpickles. Sparse-bitmask weights come back
+    as their three stored parts (the model's load hooks decompress them)."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(
-            f"No model.safetensors in {path}. hf_compress loads safetensors only; "
-            "re-save the model with `save_pretrained(dir)` (safe_serialization is the default)."
-        )
     state = {}
-    for f in files:
-        state.update(load_file(str(path / f)))
+    for f in weight_files(path):
+        state.update(load_file(str(f)))
     return state
+
+
+def _model_class(config, model_class: type | None) -> type:
+    from transformers import PreTrainedModel
+
+    cls = model_class_for(config, model_class)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise ValueError(
+            f"{cls!r} (from config.architectures={getattr(config, 'architectures', None)!r} or `model_class`) is not "
+            "a transformers model class (a PreTrainedModel subclass): refused."
+        )
+    return cls
+
+
+def check_directory(path: str | os.PathLike, model_class: type | None = None, **config_kwargs):
+    """Everything `load_pretrained` checks before allocating: returns (config, class, weight files).
+
+    Raises ValueError / FileNotFoundError naming what is wrong; reads config.json and the safetensors
+    headers only, and builds the architecture on the meta device (no memory)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    files = weight_files(path)
+    headers, file_bytes = read_headers(files)
+    check_raw_config(path, headers)
+    config = AutoConfig.from_pretrained(path, **config_kwargs)
+    meta = get_metadata(config)
+    cls = _model_class(config, model_class)
+    with torch.device("meta"):
+        skeleton = cls(config)
+    base = None
+    if isinstance(meta.get("pruning"), dict) and ("heads" in meta["pruning"] or "ffn" in meta["pruning"]):
+        base = structure(skeleton)
+    check_metadata(skeleton, meta, base)
+    if "pruning" in meta:
+        apply_structure(skeleton, meta["pruning"])
+    check_checkpoint(skeleton, meta, headers, file_bytes)
+    return config, cls, files
 
 
 def load_pretrained(path: str | os.PathLike, model_class: type | None = None, **config_kwargs) -> nn.Module:
     """Reload a model saved after compression, with the same structure and weights.
 
     Works for plain models too (then it is ``model_class(config)`` + the saved weights). Pruned
-    structure (non-uniform head counts or FFN widths, removed layers) and low-bit layers are
-    rebuilt from ``config.hf_compress`` before the weights are loaded.
+    structure (non-uniform head counts or FFN widths, removed layers), low-bit layers and sparse-bitmask
+    weights are rebuilt from ``config.hf_compress`` before the weights are loaded. The directory is
+    checked first (`check_directory`): a crafted or mismatched directory is refused before anything is
+    allocated.
     """
-    from transformers import AutoConfig
+    from safetensors.torch import load_file
 
-    config = AutoConfig.from_pretrained(path, **config_kwargs)
+    config, cls, files = check_directory(path, model_class, **config_kwargs)
     meta = get_metadata(config)
-    cls = model_class_for(config, model_class)
     model = cls(config)
     if "pruning" in meta:
         apply_structure(model, meta["pruning"])
     if "quantization" in meta:
         rebuild_quantized(model, meta["quantization"])
-    state = load_state_dict_safetensors(path)
+    attach_listed(model, meta)  # sparse-bitmask weights: decompressed on load, compressed again on save
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
     result = model.load_state_dict(state, strict=False)
     tied = _tied_names(model)
     missing = [k for k in result.missing_keys if k not in tied]

@@ -37,6 +37,13 @@ from torch import nn
 
 from .metadata import META_KEY, get_metadata, on_record
 from .modules import replace_module, unwrap
+from .storage import (  # hf_compress.storage (issue 14): checks before allocating; sparse-bitmask weights
+    attach_listed,
+    check_skeleton_before_loading,
+    load_sparse_weights,
+    sparse_ignore_patterns,
+    stored_sparse,
+)
 
 QUANT_METHOD = "hf_compress"
 # The model type a refusing directory is saved with. Stock transformers prints it in its error:
@@ -65,6 +72,8 @@ def reasons(model_or_config, model: nn.Module | None = None) -> list[str]:
         out.append(f"low-bit layers ({q['backend']})")
     elif any(isinstance(d, dict) and d.get("input_quant") for d in (q.get("layers") or {}).values()):
         out.append("static activation quantisation")
+    if stored_sparse(meta):
+        out.append("sparse-bitmask weights")
     p = meta.get("pruning") or {}
     if "heads" in p or "ffn" in p:
         if model is None or not _stock_builds(model, p):
@@ -279,6 +288,8 @@ def _quantizer_classes():
                 get_backend(q["backend"]).require()
             if "pruning" in meta:
                 apply_structure(model, meta["pruning"])
+            # hf_compress.storage: files, metadata and the meta-device skeleton checked against the headers
+            check_skeleton_before_loading(model, meta, self._files, getattr(model.config, "name_or_path", None))
             self._deferred = _deferred_layers(model, meta)
             if self._deferred and not all(f.endswith(".safetensors") for f in self._files):
                 raise ValueError("hf_compress models load from safetensors only: re-save with save_pretrained(dir).")
@@ -288,7 +299,11 @@ def _quantizer_classes():
             # the parked layers' tensors are loaded by us afterwards: not "unexpected" in transformers' report
             patterns = set(type(model)._keys_to_ignore_on_load_unexpected or ())
             patterns |= {rf"(^|\.){re.escape(local)}\." for local in self._deferred}
-            model._keys_to_ignore_on_load_unexpected = patterns
+            # sparse-bitmask weights: their stored parts are read after loading (hf_compress.storage)
+            unexpected, missing = sparse_ignore_patterns(model, meta)
+            model._keys_to_ignore_on_load_unexpected = patterns | unexpected
+            if missing:
+                model._keys_to_ignore_on_load_missing = set(type(model)._keys_to_ignore_on_load_missing or ()) | missing
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
@@ -298,9 +313,11 @@ def _quantizer_classes():
 
             q = self._meta.get("quantization")
             if not q or not self._deferred:
+                load_sparse_weights(model, self._meta, self._files)  # hf_compress.storage
                 return model
             layers = {local: q["layers"][name] for local, name in self._deferred.items()}
             rebuild_quantized(model, {**q, "layers": layers})
+            attach_listed(model, self._meta)  # sparse low-bit weights decompress in load_state_dict below
             device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
             # checkpoint keys carry the saved model's names, which are the recorded ones
             states: dict[str, dict[str, torch.Tensor]] = {local: {} for local in self._deferred}
@@ -320,6 +337,7 @@ def _quantizer_classes():
                         f"unexpected {result.unexpected_keys[:5]}). Was config.json edited?"
                     )
                 module.to(device)
+            load_sparse_weights(model, self._meta, self._files, skip=self._deferred)  # hf_compress.storage
             model.eval()
             return model
 

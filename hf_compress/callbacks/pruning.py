@@ -7,7 +7,9 @@ Event by event (public TrainerCallback events only):
   snapshot from the checkpoint (refusing a different config).
 - on_pre_optimizer_step: gradients are final here (accumulated, all-reduced under DDP, clipped):
   accumulate gradient scores, recompute masks at update points, zero the gradients of pruned weights
-  (so AdamW's moments stay zero).
+  (so AdamW's moments stay zero). A step the fp16 grad scaler skips (a non-finite gradient) adds nothing
+  to the scores and recomputes no mask; a mask update due then happens at the next step that is taken
+  (or at train end), so the schedule's target is still reached (`callbacks/_amp.py`).
 - on_optimizer_step: re-apply the masks, so no optimizer state (momentum, weight decay) revives a weight.
 - on_step_end: lottery-ticket snapshot and rewind.
 - on_log: sparsity in the logs (per module in the last one).
@@ -28,6 +30,7 @@ from ..pruning import Pruner, convert, is_update_step, prepare, sparsity_at
 from ..pruning.config import PruningConfig
 from ..pruning.pruner import check_plain
 from ..sharding import is_sharded
+from ._amp import skipped_by_scaler
 from ._logs import add_to_logs
 
 
@@ -41,6 +44,7 @@ class PruningCallback(StatefulCallback):
         self.end: int | None = None
         self.snapshot = None  # weights at rewind_step, until they are used
         self.removed: dict | None = None
+        self.owed = False  # a mask update fell on a step the fp16 scaler skipped: due at the next step taken
 
     # ------------------------------------------------------------------ helpers
     def _pruner(self, model) -> Pruner:
@@ -65,7 +69,7 @@ class PruningCallback(StatefulCallback):
         return tensors
 
     def state_meta(self, state) -> dict:
-        return {"config": self.config.to_dict(), "end_step": self.end}
+        return {"config": self.config.to_dict(), "end_step": self.end, "owed_update": self.owed}
 
     def state_weights(self):
         return self.pruner.weights if self.pruner is not None else []
@@ -106,7 +110,9 @@ class PruningCallback(StatefulCallback):
                     "pruning_end_step explicitly in both runs)."
                 )
             self._load(tensors)
+            self.owed = bool(meta.get("owed_update", False))
             return
+        self.owed = False
         if c.rewind_step == 0:
             self.snapshot = pruner.snapshot()
         s0 = self.sparsity_at(0)
@@ -118,13 +124,18 @@ class PruningCallback(StatefulCallback):
                 )
             pruner.update(s0)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         p, c = self.pruner, self.config
         nxt = state.global_step + 1  # steps completed once this optimizer step is done
-        if nxt <= self.end:
-            p.accumulate()
-            if is_update_step(nxt, c.pruning_start_step, self.end, c.frequency, c.schedule):
+        due = nxt <= self.end and is_update_step(nxt, c.pruning_start_step, self.end, c.frequency, c.schedule)
+        if skipped_by_scaler(optimizer):  # fp16 overflow: the optimizer skips this step, so do we
+            self.owed = self.owed or due
+        else:
+            if nxt <= self.end:
+                p.accumulate()
+            if due or self.owed:
                 p.update(self.sparsity_at(nxt))
+                self.owed = False
         p.mask_grads()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -159,6 +170,11 @@ class PruningCallback(StatefulCallback):
             tensors, meta = load_state(best, self.name, config=self.config.to_dict())
             self.check_fingerprint(best, meta)
             self._load(tensors)
+            if meta.get("owed_update"):  # that checkpoint's last update point was skipped (fp16 overflow)
+                self.pruner.update(self.sparsity_at(meta["step"]))
+        elif self.owed:  # the run's last update point was skipped (fp16 overflow) and no step followed
+            self.pruner.update(self.sparsity_at(state.global_step))
+        self.owed = False
         model = unwrap(model if model is not None else self.pruner.model)
         self.removed = convert(model, self.config, name=self.name)
         if self.removed is not None:

@@ -8,7 +8,9 @@ Event by event (public TrainerCallback events only):
   `weight` / `bias` Parameter objects, so the optimizer updates the float master weights. On resume,
   the observers' ranges come back from the checkpoint (a different config is refused).
 - on_step_end: activation observers commit this step's statistics (reduced over all ranks first, so
-  every rank uses the same ranges), and stop moving at `freeze_observers_step`.
+  every rank uses the same ranges), and stop moving at `freeze_observers_step`. A step the fp16 grad
+  scaler skips (a non-finite gradient, checked at on_pre_optimizer_step: `callbacks/_amp.py`) commits
+  nothing: its statistics are discarded, as the optimizer discards its gradients.
 - on_log: fraction of Linear layers under fake quantisation and a summary of the observed ranges.
 - on_step_end / on_epoch_end / on_save: observer state into the checkpoint (hf_compress/qat.*), staged
   before the Trainer saves so that no kill point loses it (`hf_compress.checkpointing`).
@@ -33,6 +35,7 @@ from ..quantization import build_plan, convert, fake_quant_layers, insert_fake_q
 from ..quantization.config import QATConfig
 from ..quantization.observers import sync_observers
 from ..sharding import is_sharded
+from ._amp import skipped_by_scaler
 from ._logs import add_to_logs
 
 NAME = "qat"
@@ -49,6 +52,7 @@ class QATCallback(StatefulCallback):
         self.model = None
         self.active = False  # fake quantisation is in the model
         self._observers = []  # cached: the hot path does not walk the module tree
+        self._skipped = False  # the fp16 grad scaler skips this optimizer step
         self.result: dict | None = None  # metadata recorded at the end of training
 
     # ------------------------------------------------------------------ helpers
@@ -123,15 +127,23 @@ class QATCallback(StatefulCallback):
         if self.model is not None and state.global_step >= self.config.qat_start_step and not self.active:
             self._activate(self.model, state.global_step)
 
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self._skipped = bool(self.active and self._observers) and skipped_by_scaler(optimizer)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.active and self._observers:
             self._commit_observers(state)
+        self._skipped = False
         super().on_step_end(args, state, control)  # stage the state of a step about to be saved
 
     def _commit_observers(self, state) -> None:
-        sync_observers(self._observers)
-        for o in self._observers:
-            o.commit()
+        if self._skipped:  # every rank skips alike (the gradients were all-reduced, or the flag was)
+            for o in self._observers:
+                o.discard()
+        else:
+            sync_observers(self._observers)
+            for o in self._observers:
+                o.commit()
         f = self.config.freeze_observers_step
         if f is not None and state.global_step >= f:
             for o in self._observers:

@@ -14,7 +14,8 @@ An observer watches the input of one layer. Statistics of the batches of the cur
 accumulate in `pending_*` buffers; `commit()` (once per optimizer step, after `sync_observers` has
 reduced the pending statistics over all ranks) folds them into the range used for quantisation. So
 within a step every rank quantises with the same, already committed range, and no host sync happens
-in the forward pass. Before the first commit an observer is not `ready` and its layer's activations
+in the forward pass. A step the optimizer skips (fp16 overflow) is `discard()`ed instead: its
+statistics never reach the range. Before the first commit an observer is not `ready` and its layer's activations
 stay in float.
 
 Buffers are non-persistent: they never enter the model's state_dict (the model saves and reloads as a
@@ -148,6 +149,12 @@ class Observer(nn.Module):
         self.initialized |= has
         self._reset_pending()
         self.ready = self.ready or self._seen
+        self._seen = False
+
+    @torch.no_grad()
+    def discard(self) -> None:
+        """Drop the pending statistics without committing them (a step the fp16 grad scaler skipped)."""
+        self._reset_pending()
         self._seen = False
 
     def qparams(self, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,8 @@ weight ``NAME`` ([rows, cols], any dtype) is saved as three tensors
                       says whether entry (r, 8k + j) is stored
     NAME.shape        int64 [2]: rows, cols
 
-"Non-zero" is the bit pattern (``-0.0`` is kept), so reload is bit-exact for every dtype. A 50%-sparse
+Every entry that is not equal to zero is stored with its exact bits; zeros come back as ``0``
+(a ``-0.0`` that a multiplied mask left becomes ``0.0``: an equal value, the same sums and logits). A 50%-sparse
 int8 weight takes 0.5 + 1/8 bytes per entry instead of 1. After a pruning run is recorded, every
 Linear-like weight (Linear, GPT-2 Conv1D, hf_compress Int8Linear) whose compressed form is smaller is
 listed in the metadata; save hooks on those modules (``state_dict`` post-hook, ``load_state_dict`` pre-hook)
@@ -57,17 +58,15 @@ _DTYPES = {
     "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1), "F8_E4M3": (None, 1), "F8_E5M2": (None, 1),
     "U16": (None, 2), "U32": (None, 4), "U64": (None, 8),
 }
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 # ----------------------------------------------------------------------------- the bitmask format
 
 
 def _nonzero(t: torch.Tensor) -> torch.Tensor:
-    """Entries whose bit pattern is not all zeros (so -0.0 counts as stored)."""
-    if t.dtype == torch.bool:
-        return t.clone()
-    return t.contiguous().view(_INT_VIEW[t.element_size()]) != 0
+    """Entries that are stored: those not equal to zero (masks multiply, so pruned floats are often -0.0;
+    they come back as 0.0, an equal value that gives the same sums). NaN is stored."""
+    return t != 0
 
 
 def compress(t: torch.Tensor) -> dict[str, torch.Tensor]:

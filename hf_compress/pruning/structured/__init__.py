@@ -150,8 +150,8 @@ def check_uniform(model: nn.Module, kind: str, sparsity: float, groups: list[Uni
         )
     n = counts[0]
     keep = uniform_keep(n, sparsity)
-    refused = getattr(fam, "UNIFORM_REFUSED", {}).get(kind)
-    if keep < n and refused:
+    refused = fam.uniform_refusal(model, kind, keep) if keep < n else None
+    if refused:
         raise ValueError(f"PruningConfig.uniform=True with granularity={kind!r} on {type(model).__name__}: {refused}")
     if keep == n:
         return
@@ -167,8 +167,9 @@ def check_uniform(model: nn.Module, kind: str, sparsity: float, groups: list[Uni
         for g in fam.groups(skeleton, kind):
             remove(skeleton, g.layer, list(range(keep, g.n_units)))
         fam.sync_config(skeleton)
+        config = type(skeleton.config).from_dict(skeleton.config.to_dict())  # validated, as loading does
         with torch.device("meta"):
-            rebuilt = type(model)(skeleton.config)
+            rebuilt = type(model)(config)
         ok = fam.structure(rebuilt) == fam.structure(skeleton)
     except Exception as e:  # noqa: BLE001 - any failure means the stock config cannot describe it
         ok, detail = False, f" ({type(e).__name__}: {e})"

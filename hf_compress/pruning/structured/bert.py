@@ -20,6 +20,11 @@ UNIFORM_REFUSED = {
 }
 
 
+def uniform_refusal(model: nn.Module, kind: str, keep: int) -> str | None:
+    """Why `keep` units of `kind` in every layer cannot be written in this family's stock config (None: they can)."""
+    return UNIFORM_REFUSED.get(kind)
+
+
 def matches(model: nn.Module) -> bool:
     b = first_block(model)
     att = getattr(getattr(b, "attention", None), "self", None)

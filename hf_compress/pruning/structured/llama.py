@@ -8,6 +8,8 @@ count from the projection width at run time (`view(..., -1, head_dim)`), so laye
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
 from ...modules import find_blocks
@@ -87,14 +89,48 @@ def structure(model: nn.Module) -> dict:
 
 
 def sync_config(model: nn.Module) -> None:
-    """Write the new shapes into the config (the widest layer when they differ; load_pretrained shrinks
-    the others). With uniform shapes the Auto class reloads the model as it is."""
+    """Write the new shapes into the config. FFN width: the widest layer (load_pretrained shrinks the others).
+    Head counts only when every layer has the same and the config class accepts them (LlamaConfig and its
+    kin require hidden_size % num_attention_heads == 0 even with head_dim pinned): then the Auto class
+    reloads the model as it is. Otherwise the counts stay (load_pretrained shrinks each layer from them)."""
     blocks = find_blocks(model)[1]
     s = structure(model)
     cfg, att = model.config, blocks[0].self_attn
     cfg.num_hidden_layers = len(blocks)
     cfg.intermediate_size = uniform_or_max(s["ffn"])[1]
-    kv = uniform_or_max(s["heads"])[1]
+    same, kv = uniform_or_max(s["heads"])
+    heads = kv * att.num_key_value_groups
     cfg.head_dim = att.head_dim  # pinned: it no longer follows hidden_size / num_attention_heads
-    cfg.num_key_value_heads = kv
-    cfg.num_attention_heads = kv * att.num_key_value_groups
+    if same and heads_accepted(cfg, heads):
+        cfg.num_key_value_heads = kv
+        cfg.num_attention_heads = heads
+
+
+def heads_accepted(cfg, heads: int) -> bool:
+    """Whether `cfg`'s class validates with `heads` attention heads (its own validate_architecture)."""
+    trial = copy.copy(cfg)
+    trial.num_attention_heads = heads
+    try:
+        validate = getattr(trial, "validate_architecture", None)
+        if validate is not None:
+            validate()
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def uniform_refusal(model: nn.Module, kind: str, keep: int) -> str | None:
+    """Why `keep` key/value heads in every layer cannot be written in the stock config (None: they can)."""
+    if kind != "heads":
+        return None
+    cfg, g = model.config, find_blocks(model)[1][0].self_attn.num_key_value_groups
+    if heads_accepted(cfg, keep * g):
+        return None
+    n = num_kv_heads(find_blocks(model)[1][0])
+    ok = [k for k in range(1, n + 1) if heads_accepted(cfg, k * g)]
+    return (
+        f"{type(cfg).__name__} requires hidden_size ({cfg.hidden_size}) to be a multiple of num_attention_heads, "
+        f"and {keep} kept key/value heads x {g} query heads each = {keep * g} is not (head_dim is pinned, but the "
+        f"config class still checks it). Key/value heads per layer it accepts: {ok} of {n}: pick target_sparsity "
+        f"so that round(target_sparsity x {n}) heads go from each layer leaves one of these."
+    )

@@ -39,6 +39,7 @@ from .metadata import META_KEY, get_metadata, on_record
 from .modules import replace_module, unwrap
 from .storage import (  # hf_compress.storage (issue 14): checks before allocating; sparse-bitmask weights
     attach_listed,
+    check_pruning_record,
     check_skeleton_before_loading,
     load_sparse_weights,
     sparse_ignore_patterns,
@@ -286,6 +287,7 @@ def _quantizer_classes():
             q = meta.get("quantization") or {}
             if q.get("backend"):
                 get_backend(q["backend"]).require()
+            check_pruning_record(meta)  # hf_compress.storage: counts are positive integers before any surgery
             if "pruning" in meta:
                 apply_structure(model, meta["pruning"])
             # hf_compress.storage: files, metadata and the meta-device skeleton checked against the headers

@@ -20,7 +20,8 @@ from .metadata import get_metadata
 from .modules import model_class_for
 from .pruning.structured import apply_structure, structure
 from .quantization import rebuild_quantized
-from .storage import attach_listed, check_checkpoint, check_metadata, check_raw_config, read_headers, weight_files
+from .storage import (attach_listed, check_checkpoint, check_metadata, check_pruning_record, check_raw_config,
+                      read_headers, weight_files)
 
 
 def load_state_dict_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -66,9 +67,10 @@ def check_directory(path: str | os.PathLike, model_class: type | None = None, **
     base = None
     if isinstance(meta.get("pruning"), dict) and ("heads" in meta["pruning"] or "ffn" in meta["pruning"]):
         base = structure(skeleton)
-    check_metadata(skeleton, meta, base)
+    check_pruning_record(meta, base)
     if "pruning" in meta:
         apply_structure(skeleton, meta["pruning"])
+    check_metadata(skeleton, meta)
     check_checkpoint(skeleton, meta, headers, file_bytes)
     return config, cls, files
 

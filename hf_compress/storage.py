@@ -414,10 +414,9 @@ def _pos_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def check_metadata(skeleton: nn.Module, meta: dict, base_structure: dict | None = None) -> None:
-    """The ``hf_compress`` entry against the architecture built from the config (on the meta device):
-    pruned counts are positive and no larger than the base config builds, recorded layers exist with the
-    recorded widths, listed sparse weights exist."""
+def check_pruning_record(meta: dict, base_structure: dict | None = None) -> None:
+    """Before the skeleton is shrunk: the recorded heads / FFN widths are lists of positive integers and, given
+    the base architecture's `structure` (what the config builds), as long and no larger."""
     if not isinstance(meta, dict):
         raise ValueError(f"config.json's hf_compress entry is {type(meta).__name__}, not an object.")
     p = meta.get("pruning")
@@ -436,6 +435,13 @@ def check_metadata(skeleton: nn.Module, meta: dict, base_structure: dict | None 
                 if len(want) != len(now) or any(w > c for w, c in zip(want, now)):
                     raise ValueError(f"config.json: hf_compress.pruning.{key}={want!r:.200} does not fit the "
                                      f"architecture, which builds {now!r:.200} (lengths must agree, counts no larger).")
+
+
+def check_metadata(skeleton: nn.Module, meta: dict) -> None:
+    """The ``hf_compress`` entry against the architecture built from the config (on the meta device, already
+    shrunk to the recorded pruned shapes): recorded low-bit layers exist with the recorded widths, listed
+    sparse weights exist."""
+    check_pruning_record(meta)
     modules = dict(skeleton.named_modules())
     q = meta.get("quantization")
     if q is not None:

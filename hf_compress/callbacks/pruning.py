@@ -12,7 +12,9 @@ Event by event (public TrainerCallback events only):
   (or at train end), so the schedule's target is still reached (`callbacks/_amp.py`).
 - on_optimizer_step: re-apply the masks, so no optimizer state (momentum, weight decay) revives a weight.
 - on_step_end: lottery-ticket snapshot and rewind.
-- on_log: sparsity in the logs (per module in the last one).
+- on_log: sparsity in the training logs (per module in the last one), never in evaluation results; they
+  reach the report_to integrations under DistillationTrainer, or with the stock Trainer after
+  `hf_compress.callbacks.report_to_integrations(trainer)` (`callbacks/_logs.py`).
 - on_step_end / on_epoch_end / on_save: masks and scores into the checkpoint, staged before the Trainer
   saves so that no kill point (checkpoint rotation included) loses them (`hf_compress.checkpointing`).
 - on_train_end: after any best-model reload (the masks of the reloaded checkpoint come back with it),
@@ -31,10 +33,10 @@ from ..pruning.config import PruningConfig
 from ..pruning.pruner import check_plain
 from ..sharding import is_sharded
 from ._amp import skipped_by_scaler
-from ._logs import add_to_logs
+from ._logs import LogsForIntegrations, is_training_log
 
 
-class PruningCallback(StatefulCallback):
+class PruningCallback(LogsForIntegrations, StatefulCallback):
     def __init__(self, config: PruningConfig | None = None, **kwargs):
         if config is not None and kwargs:
             raise ValueError("PruningCallback: pass either a PruningConfig or keyword options, not both.")
@@ -151,15 +153,20 @@ class PruningCallback(StatefulCallback):
                 self.snapshot = None
         super().on_step_end(args, state, control)  # stage the state of a step about to be saved
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.pruner is None or logs is None:
-            return
+    @property
+    def log_marker(self) -> str:
+        return f"{self.name}/sparsity"
+
+    def metrics_for_log(self, state, logs: dict) -> dict:
+        """This callback's numbers for a training log entry ({} for an evaluation's)."""
+        if self.pruner is None or not is_training_log(logs):
+            return {}
         extra = {f"{self.name}/sparsity": round(self.pruner.sparsity(), 6), f"{self.name}/target": round(self.sparsity_at(state.global_step), 6)}
         if self.config.structured:
             extra[f"{self.name}/units_removed"] = self.pruner.units_removed()
         if "train_runtime" in logs:  # the end-of-training log: per module as well
             extra.update({f"{self.name}/sparsity/{k}": round(v, 6) for k, v in self.pruner.sparsity(per_module=True).items()})
-        add_to_logs(state, logs, extra)
+        return extra
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         super().on_train_end(args, state, control)

@@ -11,7 +11,9 @@ Event by event (public TrainerCallback events only):
   every rank uses the same ranges), and stop moving at `freeze_observers_step`. A step the fp16 grad
   scaler skips (a non-finite gradient, checked at on_pre_optimizer_step: `callbacks/_amp.py`) commits
   nothing: its statistics are discarded, as the optimizer discards its gradients.
-- on_log: fraction of Linear layers under fake quantisation and a summary of the observed ranges.
+- on_log: fraction of Linear layers under fake quantisation and a summary of the observed ranges, in the
+  training logs only (never in evaluation results); they reach the report_to integrations under
+  DistillationTrainer, or with the stock Trainer after `hf_compress.callbacks.report_to_integrations(trainer)`.
 - on_step_end / on_epoch_end / on_save: observer state into the checkpoint (hf_compress/qat.*), staged
   before the Trainer saves so that no kill point loses it (`hf_compress.checkpointing`).
 - on_train_end: after any best-model reload (its observer ranges come back with it),
@@ -36,13 +38,14 @@ from ..quantization.config import QATConfig
 from ..quantization.observers import sync_observers
 from ..sharding import is_sharded
 from ._amp import skipped_by_scaler
-from ._logs import add_to_logs
+from ._logs import LogsForIntegrations, is_training_log
 
 NAME = "qat"
 
 
-class QATCallback(StatefulCallback):
+class QATCallback(LogsForIntegrations, StatefulCallback):
     base_name = NAME
+    log_marker = f"{NAME}/fake_quant_fraction"
 
     def __init__(self, config: QATConfig | None = None, **kwargs):
         if config is not None and kwargs:
@@ -173,11 +176,11 @@ class QATCallback(StatefulCallback):
             out[f"{NAME}/weight_absmax_mean"] = round(amax.mean().item(), 6)
         return out
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or self.model is None:
-            return
-        extra = self.summary()
-        add_to_logs(state, logs, extra)
+    def metrics_for_log(self, state, logs: dict) -> dict:
+        """`summary()` for a training log entry ({} for an evaluation's)."""
+        if self.model is None or not is_training_log(logs):
+            return {}
+        return self.summary()
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         super().on_train_end(args, state, control)

@@ -535,7 +535,13 @@ class DistillationTrainer(Trainer):
     # ---- logging and evaluation ----------------------------------------------------------------------
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds `hard_loss`, `soft_loss`, `hidden_loss`, `attention_loss` (means since the last log) to training logs."""
+        """Adds `hard_loss`, `soft_loss`, `hidden_loss`, `attention_loss` (means since the last log) to training logs,
+        and the compression callbacks' numbers (`metrics_for_log`: `pruning*/…`, `qat/…`, training logs only)
+        before the report_to integrations see the entry — their own `on_log` would come after them."""
+        for cb in self.callback_handler.callbacks:
+            metrics_for_log = getattr(cb, "metrics_for_log", None)
+            if callable(metrics_for_log):
+                logs.update(metrics_for_log(self.state, logs))
         if "loss" in logs and self._part_count:
             names = sorted(self._part_sums)
             means = torch.stack([self._part_sums[n] for n in names]) / self._part_count  # per optimizer step

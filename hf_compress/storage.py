@@ -476,7 +476,12 @@ def check_metadata(skeleton: nn.Module, meta: dict) -> None:
 
 
 def _tied(model: nn.Module) -> set[str]:
-    seen, tied = {}, set()
+    """Names saved once for several (tied now, or declared tied: transformers builds skeletons untied)."""
+    declared = getattr(model, "all_tied_weights_keys", None)
+    tied = set()
+    if isinstance(declared, dict) and getattr(getattr(model, "config", None), "tie_word_embeddings", True) is not False:
+        tied.update(declared)
+    seen = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             tied.update((name, seen[id(p)]))

@@ -52,6 +52,14 @@ QUANT_METHOD = "hf_compress"
 # this architecture ..." — so the string says what to do.
 MODEL_TYPE = "hf_compress (pip install hf_compress, then import hf_compress before from_pretrained)"
 BASE_KEY = "base_model_type"  # in the saved hf_compress section: the architecture's own model_type
+# A concrete class (`BertForSequenceClassification.from_pretrained`) does not check model_type (a warning
+# only) and would load int8 codes as float weights. So a refusing directory also saves one integer field of
+# the architecture's config (its FFN width, see `_refusal_field`) as this string: the concrete config class
+# validates its typed fields and raises "Field 'intermediate_size' expected int, got str (value: '<this>')"
+# before any weight is read. The base PreTrainedConfig (which the Trainer reads when resuming) does not
+# check that field. The real value is kept in the hf_compress section and put back when hf_compress loads.
+FIELD_REFUSAL = "hf_compress (this model needs `pip install hf_compress` and `import hf_compress` before from_pretrained)"
+FIELD_KEY = "refusal_field"  # in the saved hf_compress section: {field: real value}
 CARD_MARK = "<!-- written by hf_compress -->"
 
 _REGISTERED = False
@@ -117,11 +125,16 @@ class _CompressedMixin:
         meta = dict(out.get(META_KEY) or {})
         if self._hfc_refuse:
             meta[BASE_KEY] = self._hfc_base.model_type
+            field = _refusal_field(self._hfc_base)
+            if field is not None and field in out and out[field] != FIELD_REFUSAL:
+                meta[FIELD_KEY] = {field: out[field]}
+                out[field] = FIELD_REFUSAL
             out[META_KEY] = meta
             if not out.get("quantization_config"):
                 out["quantization_config"] = {"quant_method": QUANT_METHOD}
         else:
             meta.pop(BASE_KEY, None)
+            meta.pop(FIELD_KEY, None)
             out[META_KEY] = meta or None
         return out
 
@@ -138,10 +151,29 @@ def _restore_config(base_type: str, refuse: bool, data: dict):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     cls = compressed_config_class(CONFIG_MAPPING[base_type], refuse)
-    data = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version")}
+    data = _real_fields({k: v for k, v in data.items() if k not in ("model_type", "transformers_version")})
     if not refuse:
         data.pop("quantization_config", None)
     return cls.from_dict(data)
+
+
+def _refusal_field(base: type) -> str | None:
+    """The integer config field a refusing directory saves as FIELD_REFUSAL: the FFN width, which only the
+    architecture's own config class types and checks (not PreTrainedConfig's validators)."""
+    fields = getattr(base, "__annotations__", {})
+    return next((f for f in ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim") if f in fields), None)
+
+
+def _real_fields(config_dict: dict) -> dict:
+    """The saved dict with the real value back in place of FIELD_REFUSAL."""
+    meta = config_dict.get(META_KEY)
+    saved = meta.get(FIELD_KEY) if isinstance(meta, dict) else None
+    if isinstance(saved, dict):
+        config_dict = dict(config_dict)
+        for k, v in saved.items():
+            if config_dict.get(k) == FIELD_REFUSAL:
+                config_dict[k] = v
+    return config_dict
 
 
 _CLASSES: dict[tuple[type, bool], type] = {}
@@ -184,7 +216,7 @@ def _compressed_config_dispatch():
                     f"config.json has model_type {MODEL_TYPE!r} but its {META_KEY}.{BASE_KEY} is {base_type!r}, "
                     "not a model type this transformers knows: the directory was edited or saved by a newer setup."
                 )
-            config_dict = dict(config_dict, model_type=base_type)
+            config_dict = dict(_real_fields(config_dict), model_type=base_type)
             if not config_dict.get("quantization_config"):
                 config_dict["quantization_config"] = {"quant_method": QUANT_METHOD}
             target = compressed_config_class(CONFIG_MAPPING[base_type], refuse=True)

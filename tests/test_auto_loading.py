@@ -175,6 +175,13 @@ PLAIN = textwrap.dedent("""
                 out[name] = {"logits": m(input_ids=ids, attention_mask=mask).logits.tolist()}
         except Exception as e:
             out[name] = {"error": f"{type(e).__name__}: {e}"}
+        # the concrete class named in config.json does not check model_type (a warning only)
+        arch = json.load(open(path + "/config.json"))["architectures"][0]
+        try:
+            getattr(transformers, arch).from_pretrained(path)
+            out[name]["concrete"] = "loaded"
+        except Exception as e:
+            out[name]["concrete"] = f"{type(e).__name__}: {e}"
     if len(sys.argv) > 4:
         try:
             pipeline("text-classification", model=sys.argv[4])
@@ -206,6 +213,7 @@ def test_plain_transformers_refuses_or_loads_right(exported, tmp_path):
         if CASES[name][2]:
             assert "error" in r, f"{name} loaded silently without hf_compress"
             assert "import hf_compress" in r["error"] and "pip install hf_compress" in r["error"], r["error"]
+            assert "import hf_compress" in r["concrete"] and "pip install hf_compress" in r["concrete"], (name, r["concrete"])
         else:
             assert "logits" in r, r
             assert torch.equal(torch.tensor(r["logits"]), _logits(load_pretrained(d), batch)), name

@@ -20,6 +20,7 @@ _EXPORTS = {
     "select_modules": "hf_compress.modules",
     "compression_report": "hf_compress.report",
     "write_model_card": "hf_compress.integration",
+    "report_to_integrations": "hf_compress.callbacks._logs",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

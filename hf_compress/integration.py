@@ -389,28 +389,37 @@ def _quantizer_classes():
 # ----------------------------------------------------------------------------- model card
 
 
-def _report_lines(directory: Path) -> list[str]:
-    for place in (directory, directory.parent):
-        path = place / "report.json"
+def _report_lines(directory: Path, report: str | Path | None = None) -> list[str]:
+    places = [Path(report)] if report is not None else [directory / "report.json", directory.parent / "report.json"]
+    for path in places:
         if path.is_file():
             try:
                 rows = json.loads(path.read_text()).get("rows") or []
             except (OSError, ValueError):
                 return []
-            keys = ("name", "metric", "retention", "params_M", "disk_MB", "speedup_b1", "speedup_b32")
-            table = [r for r in rows if isinstance(r, dict)]
+            table = [r for r in rows if isinstance(r, dict) and "name" in r]
             if not table:
                 return []
-            cols = [k for k in keys if any(k in r for r in table)]
-            lines = ["## Measured (report.json of this run)", "", "| " + " | ".join(cols) + " |",
-                     "|" + "---|" * len(cols)]
-            lines += ["| " + " | ".join(str(r.get(k, "")) for k in cols) + " |" for r in table]
+            metrics = list(dict.fromkeys(k for r in table for k in (r.get("metrics") or {})))[:3]
+            batches = list(dict.fromkeys(k for r in table for k in (r.get("latency_ms") or {})))
+
+            def num(v, fmt):
+                return format(v, fmt) if isinstance(v, (int, float)) else ""
+
+            cols = ["model", *metrics, "retention", "parameters", "disk MB", *(f"latency {b} (ms)" for b in batches)]
+            lines = ["## Measured (report.json of this run)", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            for r in table:
+                cells = [str(r["name"]), *(num((r.get("metrics") or {}).get(m), ".4f") for m in metrics),
+                         num(r.get("retention"), ".1%"), num(r.get("params"), ","), num(r.get("disk_mb"), ".2f"),
+                         *(num((r.get("latency_ms") or {}).get(b), ".2f") for b in batches)]
+                lines.append("| " + " | ".join(cells) + " |")
             return lines + [""]
     return []
 
 
-def model_card(config, directory: str | Path | None = None) -> str:
-    """The README.md text: how to load the model, what was compressed, the report's numbers if any."""
+def model_card(config, directory: str | Path | None = None, report: str | Path | None = None) -> str:
+    """The README.md text: how to load the model, what was compressed, the report's numbers if any
+    (`report`: a report.json; by default the one in `directory` or its parent)."""
     meta = get_metadata(config)
     meta.pop(BASE_KEY, None)
     archs = getattr(config, "architectures", None) or ["AutoModel"]
@@ -454,8 +463,8 @@ def model_card(config, directory: str | Path | None = None) -> str:
     lines += ["## What was compressed", ""]
     lines += _describe(meta) or ["- (nothing recorded)"]
     lines += ["", "The full record is the `hf_compress` entry of `config.json`.", ""]
-    if directory is not None:
-        lines += _report_lines(Path(directory))
+    if directory is not None or report is not None:
+        lines += _report_lines(Path(directory or "."), report)
     return "\n".join(lines)
 
 
@@ -500,8 +509,9 @@ def _describe(meta: dict) -> list[str]:
     return out
 
 
-def write_model_card(directory: str | Path, config) -> Path | None:
-    """Write README.md into `directory` unless a README.md that hf_compress did not write is there."""
+def write_model_card(directory: str | Path, config, report: str | Path | None = None) -> Path | None:
+    """Write README.md into `directory` unless a README.md that hf_compress did not write is there; with
+    `report` (a report.json written after the model was saved), its numbers go into the card."""
     path = Path(directory) / "README.md"
     if path.exists():
         try:
@@ -509,7 +519,7 @@ def write_model_card(directory: str | Path, config) -> Path | None:
                 return None
         except OSError:
             return None
-    path.write_text(model_card(config, directory))
+    path.write_text(model_card(config, directory, report))
     return path
 
 

@@ -119,6 +119,12 @@ def test_end_to_end_classification_run_and_report(tmp_path, sentiment, capsys):
     md = (run / "report.md").read_text()
     assert "| teacher |" in md and "| student 2L + KD" in md
     assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+    # the export's model card says how to load it and carries the measured numbers of report.json
+    card = (run / "model" / "README.md").read_text()
+    assert "import hf_compress" in card and "## Measured (report.json of this run)" in card
+    row = next(line for line in card.splitlines() if line.startswith("| student 2L + KD"))
+    assert f"{student['metrics']['accuracy']:.4f}" in row and f"{student['params']:,}" in row, row
+    assert f"{student['latency_ms']['b1']:.2f}" in row, row
 
     # the export reloads as a low-bit, pruned model
     from hf_compress import load_pretrained

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..integration import write_model_card
+from ..metadata import get_metadata
 from ..metrics import classification_metrics, collator_for, evaluate_model
 from ..report import compression_report, quiet_progress
 from .checks import check_folders, preflight, teacher_dirs
@@ -319,6 +321,8 @@ def run_recipe(recipe: Recipe, command: str | None = None) -> dict:
             "resolved_recipe": r.to_dict(),
         }
         paths = write_report(r.out_dir, rows, title=r.name or Path(r.source or "run").stem, meta=meta, plot=r.report.plot)
+        if get_metadata(compressed):  # the export's model card gets the measured numbers
+            write_model_card(r.export_dir, unwrap(compressed).config, report=paths["json"])
         print("\n" + markdown_table(rows) + "\n", flush=True)
         run.say(f"report: {', '.join(str(p) for p in paths.values())} (total {total / 60:.1f} min)")
         result = {"rows": rows, "paths": paths, "export_reload": reload}

@@ -384,6 +384,12 @@ def _load(path):
     return load_recipe(path)
 
 
+def _headless():
+    from transformers import BertModel
+
+    return BertModel(tiny_bert().config)
+
+
 def _vocab(model, vocab):
     model.config.vocab_size = vocab  # the config says another tokenizer; the class head is the same
     return model
@@ -412,6 +418,8 @@ CASES = {
     "kd-nan": (nan_teacher, FloatingPointError, r"step 1.*soft|soft.*step 1"),
     "kd-frozen-student": (lambda t: kd(t, tiny_bert().requires_grad_(False), tiny_bert(seed=1)), ValueError,
                           r"no trainable parameter.*requires_grad_\(True\)"),
+    "kd-no-head": (lambda t: kd(t, _headless(), tiny_bert(seed=1)), ValueError,
+                   r"BertModel, a model without a task head.*AutoModelForSequenceClassification"),
     "kd-multi-label": (lambda t: kd(t, _multi_label(tiny_bert()), tiny_bert(seed=1)), ValueError,
                        r"problem_type='multi_label_classification'.*softmax.*single-label"),
     "prune-sparsity": (lambda t: PruningConfig(target_sparsity=1.0), ValueError, r"target_sparsity"),

@@ -246,6 +246,13 @@ class DistillationTrainer(Trainer):
                 "single-label classification, token-level tasks and language models. Use a single-label head "
                 "(integer labels, problem_type='single_label_classification'), or fine-tune with the plain Trainer."
             )
+        for role, m in [("The student (model=)", student)] + [(f"teacher_model[{i}]", t) for i, t in enumerate(teachers)]:
+            if getattr(_base(m), "base_model", None) is _base(m):
+                raise ValueError(
+                    f"{role} is {type(_base(m)).__name__}, a model without a task head: its outputs carry no logits to "
+                    "distil. Load it with a head, e.g. AutoModelForSequenceClassification / AutoModelForCausalLM / "
+                    "AutoModelForTokenClassification.from_pretrained(...)."
+                )
         kind, width = _output_width(student)
         if kind == "num_labels" and width < 2:
             raise ValueError(

@@ -392,7 +392,9 @@ def check_raw_config(directory: str | os.PathLike, headers) -> dict:
         raise ValueError(f"{real} is not valid JSON ({e}).") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{real} is not a JSON object.")
-    blocks = max(header_blocks(headers), 1)
+    # blocks named like layer.N / layers.N / h.N / block.N: the headers bound the count; other layouts
+    # (e.g. ALBERT's shared groups) only get a generous bound
+    blocks = header_blocks(headers) or 1000
     configs = [raw] + [v for v in raw.values() if isinstance(v, dict) and "model_type" in v]
     for c in configs:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):

@@ -187,7 +187,7 @@ MEMORY = textwrap.dedent(r"""
 
 
 def test_config_describing_3GB_stays_small_in_memory(bases, tmp_path):
-    """A 600 KB directory whose config.json describes a 3.2 GB embedding (vocab_size 12.5 M): refused from the
+    """A 250 KB directory whose config.json describes a 3.2 GB embedding (vocab_size 12.5 M): refused from the
     headers, and the process's peak resident memory stays far below what the config describes."""
     d = tmp_path / "crafted"
     shutil.copytree(bases / "int8", d)

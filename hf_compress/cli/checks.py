@@ -19,7 +19,7 @@ from torch import nn
 
 from . import models
 from .owned import EXPORT_MARKER, TEACHER_MARKER, check_folder
-from .recipes import TINY, Recipe, _auto_class, _packaged_minilm, build_model, resolve_spec, MINILM_HUB_ID
+from .recipes import TINY, Recipe, _auto_class, _packaged_minilm, build_model, refuse_missing_folder, resolve_spec, MINILM_HUB_ID
 
 TINY_CONFIGS = {"bert": "BertConfig", "llama": "LlamaConfig", "gpt2": "GPT2Config"}
 
@@ -107,6 +107,7 @@ def meta_model(spec: str, task: str, tokenizer, num_labels: int | None, config: 
     except (OSError, ValueError) as e:
         fallback = _packaged_minilm() if target == MINILM_HUB_ID else None
         if fallback is None:
+            refuse_missing_folder(target, "model")
             raise ValueError(f"model {target!r} could not be loaded ({str(e).splitlines()[0][:200]}). Offline? Pass a "
                              "local folder, or `packaged:minilm`.") from None
         cfg = AutoConfig.from_pretrained(fallback, **label_kw)

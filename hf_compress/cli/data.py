@@ -235,6 +235,11 @@ def check_rows(rows: list[dict], cfg: DataConfig, where: str, num_labels: int | 
         as_int = int(as_int)
         if as_int < 0:
             raise ValueError(f"data: {where} row {i}: label {v!r} is negative; class ids are 0..num_labels-1.")
+        if cfg.labels and as_int >= len(cfg.labels):
+            raise ValueError(
+                f"data: {where} row {i}: label {v!r} is not one of data.labels={cfg.labels} "
+                f"(nor a class id 0..{len(cfg.labels) - 1})."
+            )
         if num_labels is not None and num_labels > 1 and as_int >= num_labels:
             raise ValueError(
                 f"data: {where} row {i}: label {v!r} is out of range for model.num_labels={num_labels} (ids 0..{num_labels - 1})."

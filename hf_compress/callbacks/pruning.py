@@ -76,6 +76,12 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
     def state_weights(self):
         return self.pruner.weights if self.pruner is not None else []
 
+    def optional_state(self) -> dict:
+        """The lottery-ticket snapshot is saved only between rewind_step and the rewind: one per weight."""
+        if self.pruner is None:
+            return {}
+        return {f"rewind.{x}": tuple(w.shape) for x, w in zip(self.pruner.names, self.pruner.weights)}  # DTensor: global shape
+
     def _load(self, tensors) -> None:
         pruner = self.pruner
         pruner.load_state_dict(tensors)
@@ -176,6 +182,7 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
         if best is not None:  # the Trainer reloaded the best checkpoint's weights: its masks come back too
             tensors, meta = load_state(best, self.name, config=self.config.to_dict())
             self.check_fingerprint(best, meta)
+            self.validate_state(best, tensors)
             self._load(tensors)
             if meta.get("owed_update"):  # that checkpoint's last update point was skipped (fp16 overflow)
                 self.pruner.update(self.sparsity_at(meta["step"]))

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checkpointing import StatefulCallback, best_checkpoint, load_state
+from ..checkpointing import StatefulCallback, best_checkpoint, check_state_tensors, load_state
 from ..modules import is_linear, unwrap
 from ..quantization import build_plan, convert, fake_quant_layers, insert_fake_quant, observers, set_observing
 from ..quantization.config import QATConfig
@@ -89,8 +89,10 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
     def state_weights(self):
         return [self.model.get_submodule(n).weight for n in self.plan] if self.model is not None else []
 
-    def _load_observers(self, model, tensors, meta) -> None:
+    def _load_observers(self, model, tensors, meta, ckpt: str) -> None:
         if meta.get("active"):
+            expected = {f"{n}.{k}": tuple(v.shape) for n, obs in observers(model).items() for k, v in obs.state().items()}
+            check_state_tensors(ckpt, self.name, tensors, expected)  # every observer's range there, and finite
             dev = next(model.parameters()).device
             for name, obs in observers(model).items():
                 obs.load_state({k: tensors[f"{name}.{k}"].to(dev) for k in ("lo", "hi", "initialized")})
@@ -124,7 +126,7 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
         if state.global_step >= self.config.qat_start_step:
             self._activate(model, state.global_step)
         if resumed is not None:
-            self._load_observers(model, resumed[0], resumed[1])
+            self._load_observers(model, *resumed)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self.model is not None and state.global_step >= self.config.qat_start_step and not self.active:
@@ -191,6 +193,6 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
         if best is not None:  # the Trainer reloaded the best checkpoint's weights: its observer ranges come back too
             tensors, meta = load_state(best, self.name, config=self.config.to_dict())
             self.check_fingerprint(best, meta)
-            self._load_observers(model, tensors, meta)
+            self._load_observers(model, tensors, meta, best)
         self.result = convert(model, self.config, plan=self.plan)
         self.active, self._observers = False, []

@@ -126,11 +126,23 @@ def quiet_progress():
 
 def disk_size_mb(model: nn.Module) -> float | None:
     """Size in MB of every file `save_pretrained` writes (weights + config), or None if it cannot save."""
+    sizes = disk_sizes_mb(model)
+    return sizes["total"] if sizes else None
+
+
+def disk_sizes_mb(model: nn.Module) -> dict[str, float] | None:
+    """MB that `save_pretrained` writes: ``total`` (every file) and the weights by part, read from the
+    safetensors headers (`hf_compress.storage.disk_size_by_part`): ``embeddings``, ``blocks`` (the
+    transformer blocks), ``other`` (heads, poolers, final norms). None if the model cannot be saved."""
+    from .storage import disk_size_by_part
+
     if not hasattr(model, "save_pretrained"):
         return None
     with tempfile.TemporaryDirectory() as tmp, quiet_progress():
         model.save_pretrained(tmp)
-        return sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()) / 1e6
+        total = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()) / 1e6
+        parts = disk_size_by_part(tmp)
+    return {"total": total, **{k: parts[k] / 1e6 for k in ("embeddings", "blocks", "other")}}
 
 
 # ----------------------------------------------------------------------------- latency
@@ -263,7 +275,7 @@ def compression_report(
             "matmul_sparsity": 1 - st["matmul_nonzero"] / st["matmul_params"] if st["matmul_params"] else 0.0,
             "flops_per_token": 2 * st["matmul_params"],
             "flops_per_token_nonzero": 2 * st["matmul_nonzero"],
-            "disk_mb": _safe_disk_mb(model) if cfg.disk_size else None,
+            **_disk_fields(model if cfg.disk_size else None),
             "latency_ms": {},
             "device": str(_device(model)),
             "settings": copy.deepcopy(settings.get(name, {})),
@@ -279,12 +291,18 @@ def compression_report(
     return rows
 
 
-def _safe_disk_mb(model):
+def _disk_fields(model) -> dict:
+    """``disk_mb`` and ``disk_mb_by_part`` of a row (None when not measured or the model cannot be saved)."""
+    if model is None:
+        return {"disk_mb": None}
     try:
-        return disk_size_mb(model)
+        sizes = disk_sizes_mb(model)
     except Exception as e:  # a model that cannot be saved still gets the rest of its row
         print(f"[hf-compress] report: could not save {type(model).__name__} to measure its size ({e})")
-        return None
+        sizes = None
+    if not sizes:
+        return {"disk_mb": None}
+    return {"disk_mb": sizes.pop("total"), "disk_mb_by_part": sizes}
 
 
 def _add_ratios(rows: list[dict]) -> None:
@@ -300,6 +318,9 @@ def _add_ratios(rows: list[dict]) -> None:
             row["retention"] = v / b if higher else b / v
         if base.get("disk_mb") and row.get("disk_mb"):
             row["size_ratio"] = base["disk_mb"] / row["disk_mb"]
+        b_blocks, r_blocks = (base.get("disk_mb_by_part") or {}).get("blocks"), (row.get("disk_mb_by_part") or {}).get("blocks")
+        if b_blocks and r_blocks:
+            row["blocks_size_ratio"] = b_blocks / r_blocks  # the transformer blocks alone (embeddings are not compressed)
         for bs, ms in row.get("latency_ms", {}).items():
             if base.get("latency_ms", {}).get(bs) and ms:
                 row.setdefault("speedup", {})[bs] = base["latency_ms"][bs] / ms

@@ -78,6 +78,31 @@ def test_disk_size_is_the_size_of_the_saved_files(tmp_path):
     assert 0 < s < b
 
 
+def test_disk_size_by_part_counts_the_bytes_of_each_part():
+    """Embeddings vs transformer blocks vs the rest, against the parameters' own byte counts (float32: 4 bytes);
+    int8 blocks are ~4x smaller, the embeddings unchanged; the report's blocks ratio says so."""
+    from hf_compress.quantization.config import QATConfig
+    from hf_compress.quantization.ptq import quantize_model
+    from hf_compress.report import disk_sizes_mb
+
+    model = tiny_bert(layers=2)
+    sd = model.state_dict()
+    want = {"embeddings": sum(v.numel() * 4 for k, v in sd.items() if ".embeddings." in k) / 1e6,
+            "blocks": sum(v.numel() * 4 for k, v in sd.items() if ".encoder.layer." in k) / 1e6}
+    want["other"] = sum(v.numel() * 4 for v in sd.values()) / 1e6 - want["embeddings"] - want["blocks"]
+    got = disk_sizes_mb(model)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-9, abs=1e-9), k
+    assert got["total"] > sum(want.values())
+    q = quantize_model(copy.deepcopy(model), QATConfig(weight_bits=8, export="torch-int8"))
+    gq = disk_sizes_mb(q)
+    assert gq["embeddings"] == pytest.approx(got["embeddings"])
+    assert 3.0 < got["blocks"] / gq["blocks"] < 4.0  # int8 codes + per-channel scales, biases and norms in float
+    rows = compression_report({"fp32": model, "int8": q}, latency=False)
+    assert rows[1]["disk_mb_by_part"]["blocks"] == pytest.approx(gq["blocks"])
+    assert rows[1]["blocks_size_ratio"] == pytest.approx(got["blocks"] / gq["blocks"])
+
+
 def test_latency_keys_and_interleaving():
     models = {"a": tiny_bert(layers=1), "b": tiny_bert(layers=4)}
     lat = measure_latency(models, batch_sizes=(1, 4), seq_len=16, repeats=3, warmup=1)

@@ -47,7 +47,7 @@ def markdown_table(rows: list[dict]) -> str:
     batch_keys = []
     for row in rows:
         batch_keys += [b for b in row.get("latency_ms", {}) if b not in batch_keys]
-    head = ["model", *metric_names, "retention", "params", "non-zero", "disk MB", "size ×"]
+    head = ["model", *metric_names, "retention", "params", "non-zero", "disk MB", "size ×", "blocks MB", "blocks ×"]
     head += [f"latency {b} ms" for b in batch_keys] + [f"speed-up {b}" for b in batch_keys]
     head += ["FLOPs/token (non-zero)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -59,6 +59,8 @@ def markdown_table(rows: list[dict]) -> str:
             _count(r.get("nonzero_params")),
             _fmt(r.get("disk_mb"), 3),
             _fmt(r.get("size_ratio"), 3),
+            _fmt((r.get("disk_mb_by_part") or {}).get("blocks"), 3),
+            _fmt(r.get("blocks_size_ratio"), 3),
         ]
         cells += [_fmt(r.get("latency_ms", {}).get(b), 3) for b in batch_keys]
         cells += [_fmt(r.get("speedup", {}).get(b), 3) for b in batch_keys]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..callbacks._logs import report_to_integrations
 from ..integration import write_model_card
 from ..metadata import get_metadata
 from ..metrics import classification_metrics, collator_for, evaluate_model
@@ -117,6 +118,7 @@ def _train(model, args, splits, tokenizer, task, trainer_cls=None, **kw):
         model=model, args=args, train_dataset=splits.train, eval_dataset=splits.eval, processing_class=tokenizer,
         data_collator=collator_for(task, tokenizer), compute_metrics=metrics, **kw,
     )
+    report_to_integrations(trainer)  # the compression callbacks' log keys reach training.report_to's dashboards
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     return trainer
 

@@ -21,6 +21,8 @@ _EXPORTS = {
     "compression_report": "hf_compress.report",
     "write_model_card": "hf_compress.integration",
     "report_to_integrations": "hf_compress.callbacks._logs",
+    "LowRankCallback": "hf_compress.callbacks.lowrank",  # lowrank
+    "LowRankConfig": "hf_compress.lowrank.config",  # lowrank
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -20,6 +20,7 @@ examples:
   hf-compress run configs/sst2_minilm.yaml training.max_steps=50 pruning.target_sparsity=0.8
   hf-compress run configs/sst2_minilm.yaml --dry-run          # check the recipe, print it resolved
   hf-compress report runs/sst2_minilm                          # re-render a finished run's report
+  hf-compress export runs/sst2_minilm/model --onnx runs/sst2_minilm/onnx   # ONNX for ONNX Runtime
   ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
       --mixed_precision no --dynamo_backend no -m hf_compress run RECIPE.yaml   # 2 CPU processes
 
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("dir", metavar="DIR", help="the output folder of a finished `hf-compress run` (holds report.json)")
     rep.add_argument("--no-plot", action="store_true", help="do not write report.png")
+    from .export import add_parser as add_export
+
+    add_export(sub)
     return p
 
 
@@ -114,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "export":
+            from .export import run as _export
+
+            return _export(args)
         return _run(args) if args.command == "run" else _report(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         if os.environ.get("HF_COMPRESS_DEBUG"):

@@ -83,6 +83,8 @@ def reasons(model_or_config, model: nn.Module | None = None) -> list[str]:
         out.append("static activation quantisation")
     if stored_sparse(meta):
         out.append("sparse-bitmask weights")
+    if isinstance(meta.get("lowrank"), dict) and meta["lowrank"].get("layers"):  # lowrank
+        out.append("low-rank factorised layers")  # lowrank
     p = meta.get("pruning") or {}
     if "heads" in p or "ffn" in p:
         if model is None or not _stock_builds(model, p):
@@ -322,6 +324,11 @@ def _quantizer_classes():
             check_pruning_record(meta)  # hf_compress.storage: counts are positive integers before any surgery
             if "pruning" in meta:
                 apply_structure(model, meta["pruning"])
+            from .lowrank import rebuild_lowrank  # lowrank
+            from .storage import check_lowrank_record  # lowrank
+
+            check_lowrank_record(model, meta)  # lowrank: checked, then the skeleton factorised before weights load
+            rebuild_lowrank(model, meta.get("lowrank") or {})  # lowrank
             # hf_compress.storage: files, metadata and the meta-device skeleton checked against the headers
             check_skeleton_before_loading(model, meta, self._files, getattr(model.config, "name_or_path", None))
             self._deferred = _deferred_layers(model, meta)
@@ -503,6 +510,10 @@ def _describe(meta: dict) -> list[str]:
                        if isinstance(d, dict) and isinstance(d.get("weight"), dict)} - {None})
         out.append(f"- Quantisation: {len(layers)} layers, {'/'.join(map(str, bits)) or '?'}-bit weights, stored as "
                    f"{q.get('backend') or 'float values on the quantisation grid'}")
+    lr = meta.get("lowrank")  # lowrank
+    if isinstance(lr, dict) and lr.get("layers"):  # lowrank
+        out.append(f"- Low-rank factorisation ({lr.get('method', 'svd')}): {len(lr['layers'])} layers, "  # lowrank
+                   f"{lr.get('parameters_saved', 0):,} parameters fewer")  # lowrank
     d = meta.get("distillation")
     if isinstance(d, dict):
         out.append(f"- Distilled student: teacher blocks {d.get('teacher_blocks')} of {d.get('teacher_num_layers')}")

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .lowrank import rebuild_lowrank  # lowrank
 from .metadata import get_metadata
 from .modules import model_class_for
 from .pruning.structured import apply_structure, structure
 from .quantization import rebuild_quantized
 from .storage import (attach_listed, check_checkpoint, check_metadata, check_pruning_record, check_raw_config,
                       read_headers, weight_files)
+from .storage import check_lowrank_record  # lowrank
 
 
 def load_state_dict_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -70,6 +72,8 @@ def check_directory(path: str | os.PathLike, model_class: type | None = None, **
     check_pruning_record(meta, base)
     if "pruning" in meta:
         apply_structure(skeleton, meta["pruning"])
+    check_lowrank_record(skeleton, meta)  # lowrank: layers and ranks checked before the skeleton is factorised
+    rebuild_lowrank(skeleton, meta.get("lowrank") or {})  # lowrank
     check_metadata(skeleton, meta)
     check_checkpoint(skeleton, meta, headers, file_bytes)
     return config, cls, files
@@ -91,6 +95,7 @@ def load_pretrained(path: str | os.PathLike, model_class: type | None = None, **
     model = cls(config)
     if "pruning" in meta:
         apply_structure(model, meta["pruning"])
+    rebuild_lowrank(model, meta.get("lowrank") or {})  # lowrank: factors first, rebuild_quantized may replace them
     if "quantization" in meta:
         rebuild_quantized(model, meta["quantization"])
     attach_listed(model, meta)  # sparse-bitmask weights: decompressed on load, compressed again on save

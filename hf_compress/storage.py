@@ -439,6 +439,43 @@ def check_pruning_record(meta: dict, base_structure: dict | None = None) -> None
                                      f"architecture, which builds {now!r:.200} (lengths must agree, counts no larger).")
 
 
+def check_lowrank_record(skeleton: nn.Module, meta: dict) -> None:  # lowrank
+    """Before the skeleton is factorised (or after: both forms pass): ``hf_compress.lowrank`` is an object whose
+    ``layers`` name Linear layers of the architecture with the recorded in / out widths, each with a rank that is
+    a positive integer <= min(in, out) and a bool bias. Nothing is allocated."""
+    lr = meta.get("lowrank") if isinstance(meta, dict) else None
+    if lr is None:
+        return
+
+    def bad(why):
+        raise ValueError(f"config.json: hf_compress.lowrank {why} (edited config.json, or a directory assembled from "
+                         "different models?).")
+
+    if not isinstance(lr, dict) or not isinstance(lr.get("layers"), dict):
+        bad("must be an object with a 'layers' object")
+    if lr.get("version", 1) != 1:
+        bad(f"has format version {lr.get('version')!r}, which this hf_compress does not read: upgrade hf_compress")
+    modules = dict(skeleton.named_modules())
+    for name, d in lr["layers"].items():
+        if not isinstance(d, dict) or not all(_pos_int(d.get(k)) for k in ("in_features", "out_features", "rank")) \
+                or not isinstance(d.get("bias", False), bool):
+            bad(f"layer {name!r:.200} needs positive integers in_features / out_features / rank and a bool bias")
+        i, o, r = d["in_features"], d["out_features"], d["rank"]
+        if r > min(i, o):
+            bad(f"layer {name!r:.200} has rank {r}, above min(in, out) = {min(i, o)}")
+        local = _local(skeleton, name, modules)
+        m = modules.get(local) if local is not None else None
+        if m is not None and is_linear(m):
+            axis = out_axis(m)
+            shape = (m.weight.shape[1 - axis], m.weight.shape[axis])
+        elif m is not None and all(is_linear(getattr(m, c, None) or nn.Module()) for c in ("0", "1")):  # factorised
+            shape = (getattr(m, "0").weight.shape[1], getattr(m, "1").weight.shape[0])
+        else:
+            bad(f"names {name!r:.200}, which is not a Linear layer of {type(skeleton).__name__}")
+        if shape != (i, o):
+            bad(f"layer {name!r:.200} records (in, out) = ({i}, {o}) but the architecture has {shape}")
+
+
 def check_metadata(skeleton: nn.Module, meta: dict) -> None:
     """The ``hf_compress`` entry against the architecture built from the config (on the meta device, already
     shrunk to the recorded pruned shapes): recorded low-bit layers exist with the recorded widths, listed

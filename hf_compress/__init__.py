@@ -20,6 +20,7 @@ _EXPORTS = {
     "select_modules": "hf_compress.modules",
     "compression_report": "hf_compress.report",
     "write_model_card": "hf_compress.integration",
+    "export_onnx": "hf_compress.onnx",
     "report_to_integrations": "hf_compress.callbacks._logs",
     "LowRankCallback": "hf_compress.callbacks.lowrank",  # lowrank
     "LowRankConfig": "hf_compress.lowrank.config",  # lowrank

@@ -14,6 +14,8 @@ _EXPORTS = {
     "PruningConfig": "hf_compress.pruning.config",
     "QATCallback": "hf_compress.callbacks.qat",
     "QATConfig": "hf_compress.quantization.config",
+    "ClusteringCallback": "hf_compress.callbacks.clustering",  # clustering
+    "ClusteringConfig": "hf_compress.clustering.config",  # clustering
     "quantize_model": "hf_compress.quantization.ptq",
     "load_pretrained": "hf_compress.loading",
     "merge_lora": "hf_compress.pruning.lora",

@@ -85,6 +85,8 @@ def reasons(model_or_config, model: nn.Module | None = None) -> list[str]:
         out.append("sparse-bitmask weights")
     if isinstance(meta.get("lowrank"), dict) and meta["lowrank"].get("layers"):  # lowrank
         out.append("low-rank factorised layers")  # lowrank
+    if meta.get("clustering"):  # clustering
+        out.append("clustered weights (codebook + packed indices)")
     p = meta.get("pruning") or {}
     if "heads" in p or "ffn" in p:
         if model is None or not _stock_builds(model, p):
@@ -330,6 +332,7 @@ def _quantizer_classes():
             check_lowrank_record(model, meta)  # lowrank: checked, then the skeleton factorised before weights load
             rebuild_lowrank(model, meta.get("lowrank") or {})  # lowrank
             # hf_compress.storage: files, metadata and the meta-device skeleton checked against the headers
+            _clustering_before_loading(model, meta, self._files, getattr(model.config, "name_or_path", None))  # clustering
             check_skeleton_before_loading(model, meta, self._files, getattr(model.config, "name_or_path", None))
             self._deferred = _deferred_layers(model, meta)
             if self._deferred and not all(f.endswith(".safetensors") for f in self._files):
@@ -342,6 +345,7 @@ def _quantizer_classes():
             patterns |= {rf"(^|\.){re.escape(local)}\." for local in self._deferred}
             # sparse-bitmask weights: their stored parts are read after loading (hf_compress.storage)
             unexpected, missing = sparse_ignore_patterns(model, meta)
+            unexpected, missing = _clustering_patterns(model, meta, unexpected, missing)  # clustering
             model._keys_to_ignore_on_load_unexpected = patterns | unexpected
             if missing:
                 model._keys_to_ignore_on_load_missing = set(type(model)._keys_to_ignore_on_load_missing or ()) | missing
@@ -352,6 +356,9 @@ def _quantizer_classes():
 
             from .quantization import rebuild_quantized
 
+            from .clustering import load_clustered_weights  # clustering
+
+            load_clustered_weights(model, self._meta, self._files)  # clustering: codebook + indices decoded
             q = self._meta.get("quantization")
             if not q or not self._deferred:
                 load_sparse_weights(model, self._meta, self._files)  # hf_compress.storage
@@ -391,6 +398,22 @@ def _quantizer_classes():
             return not (self._meta.get("quantization") or {}).get("backend")
 
     return HfCompressQuantizationConfig, HfCompressQuantizer
+
+
+def _clustering_before_loading(model, meta: dict, files, name_or_path) -> None:  # clustering
+    """The clustering record and its stored codebooks / indices against the skeleton and the headers."""
+    from .clustering import check_clustering_record
+    from .storage import check_loaded_files, read_headers
+
+    if meta.get("clustering") is not None:
+        check_clustering_record(model, meta, read_headers(check_loaded_files(files, name_or_path))[0])
+
+
+def _clustering_patterns(model, meta: dict, unexpected: set, missing: set) -> tuple[set, set]:  # clustering
+    from .clustering import clustered_ignore_patterns
+
+    more_unexpected, more_missing = clustered_ignore_patterns(model, meta)
+    return unexpected | more_unexpected, missing | more_missing
 
 
 # ----------------------------------------------------------------------------- model card

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .clustering import check_clustering_record, rebuild_clustered  # clustering
 from .lowrank import rebuild_lowrank  # lowrank
 from .metadata import get_metadata
 from .modules import model_class_for
@@ -75,6 +76,7 @@ def check_directory(path: str | os.PathLike, model_class: type | None = None, **
     check_lowrank_record(skeleton, meta)  # lowrank: layers and ranks checked before the skeleton is factorised
     rebuild_lowrank(skeleton, meta.get("lowrank") or {})  # lowrank
     check_metadata(skeleton, meta)
+    check_clustering_record(skeleton, meta, headers)  # clustering
     check_checkpoint(skeleton, meta, headers, file_bytes)
     return config, cls, files
 
@@ -99,6 +101,7 @@ def load_pretrained(path: str | os.PathLike, model_class: type | None = None, **
     if "quantization" in meta:
         rebuild_quantized(model, meta["quantization"])
     attach_listed(model, meta)  # sparse-bitmask weights: decompressed on load, compressed again on save
+    rebuild_clustered(model, meta)  # clustering: codebook + indices decoded on load, encoded on save
     state = {}
     for f in files:
         state.update(load_file(str(f)))

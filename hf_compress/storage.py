@@ -128,6 +128,8 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
             continue  # bitsandbytes / DTensor weights keep their own storage
         if seen.get(id(w), 0) > 1:
             continue  # tied (e.g. an LM head sharing the embeddings): transformers saves it once
+        if getattr(m, "_hfc_cluster_hooks", None) is not None:  # clustering: stored as codebook + indices
+            continue
         out[f"{name}.weight" if name else "weight"] = m
     return out
 
@@ -529,6 +531,11 @@ def _tied(model: nn.Module) -> set[str]:
     return tied
 
 
+def _clustered(meta: dict) -> dict:  # clustering: the recorded clustered layers
+    c = meta.get("clustering")
+    return (c.get("layers") or {}) if isinstance(c, dict) and isinstance(c.get("layers"), dict) else {}
+
+
 def check_checkpoint(skeleton: nn.Module, meta: dict, headers: dict, file_bytes: int) -> None:
     """Every tensor the (meta-device) skeleton will load is in the headers with its shape (dense, or the three
     sparse-bitmask parts of a listed weight); tensors of low-bit layers exist; what the skeleton allocates
@@ -538,7 +545,8 @@ def check_checkpoint(skeleton: nn.Module, meta: dict, headers: dict, file_bytes:
     def on_disk(key):  # the checkpoint name of a skeleton key (base model <-> head model)
         for k in (key, f"{prefix}.{key}" if prefix else None,
                   key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else None):
-            if k is not None and (k in headers or f"{k}.compressed" in headers):
+            if k is not None and (k in headers or f"{k}.compressed" in headers
+                                  or f"{k}.codebook" in headers):  # clustering: codebook + indices
                 return k
         return None
 
@@ -565,6 +573,8 @@ def check_checkpoint(skeleton: nn.Module, meta: dict, headers: dict, file_bytes:
             if headers[k][1] != tuple(t.shape):
                 wrong.append(f"{k}: file {list(headers[k][1])}, model {list(t.shape)}")
             continue
+        if f"{k}.codebook" in headers and k[: -len(".weight")] in _clustered(meta):  # clustering: parts checked
+            continue  # by hf_compress.clustering.check_clustering_record
         if k not in listed:
             wrong.append(f"{k}: stored sparse but config.json's hf_compress.storage does not list it")
             continue

@@ -11,6 +11,7 @@ rebuild_quantized (the reload path of hf_compress.loading).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -53,7 +54,7 @@ def _fit(scheme: QScheme, width: int, name: str) -> QScheme:
         f"{name}: input width {width} is no longer a multiple of group_size={scheme.group_size} "
         "(pruned after QAT?); quantising it per channel."
     )
-    return QScheme(scheme.bits, scheme.symmetric, True, None, "int")
+    return dataclasses.replace(scheme, per_channel=True, group_size=None, format="int")
 
 
 def prepare(model: nn.Module, config) -> dict[str, LayerPlan]:

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 from .._config import refuse_renamed
 from .backends import get_backend, names as backend_names
-from .numerics import NF4_GROUP_SIZES
+from .numerics import NF4_GROUP_SIZES, WEIGHT_RANGES
 from .observers import ACT_RANGES
 from .plan import scheme_for_bits
 
@@ -67,6 +67,15 @@ class QATConfig:
         default=True,
         metadata={"help": "Weights: zero point 0, levels in [-(2^(b-1)-1), 2^(b-1)-1]. False: asymmetric, with "
                           "an integer zero point so 0.0 stays exactly on the grid (pruned zeros stay zero)."},
+    )
+    weight_range: str = field(
+        default="restricted",
+        metadata={"help": "Integer range of symmetric uniform weights (b bits): 'restricted' = [-(2^(b-1)-1), "
+                          "2^(b-1)-1], scale max|w|/qmax (int4 [-7, 7]); 'full' = [-2^(b-1), 2^(b-1)-1], scale "
+                          "max|w|/((qmax-qmin)/2) (int4 [-8, 7], max|w|/7.5: torchao's and torch.ao's symmetric "
+                          "grid); 'full_no_clip' = the same codes, scale max(-min/2^(b-1), max/qmax) (torchao's "
+                          "SYMMETRIC_NO_CLIPPING_ERR). Asymmetric and NF4 grids ignore it; bnb-int8 needs "
+                          "'restricted'."},
     )
     weight_format: Optional[str] = field(
         default=None,
@@ -128,6 +137,9 @@ class QATConfig:
             bad("weight_bits", "supported weight bits are 8 and 4 (2-8 for fake quantisation / torch-int8).")
         if self.activation_bits is not None and (type(self.activation_bits) is not int or self.activation_bits != 8):
             bad("activation_bits", "use None (weights only) or 8.")
+        if self.weight_range not in WEIGHT_RANGES:
+            bad("weight_range", f"use one of {WEIGHT_RANGES} ('restricted': int4 codes [-7, 7]; 'full': "
+                                "[-8, 7] as torchao; 'full_no_clip': [-8, 7] with torchao's no-clipping scale).")
         if self.weight_format is None:
             self.weight_format = "nf4" if self.export == "bnb-nf4" else "int"
         if self.weight_format not in FORMATS:

@@ -7,8 +7,14 @@ Uniform ("int") grid, the scale / zero-point formula:
 (computed as Z + round(r · (1/S)) with the float32 reciprocal, exactly as PyTorch's fused
 fake-quantisation kernels do: training runs those kernels, export stores the same integers)
 
-* symmetric: Z = 0, S = max|r| / qmax, q in [-(2^(b-1) - 1), 2^(b-1) - 1] (the "restricted" range,
-  so that +max and -max are both exact and int8 kernels never see -128);
+* symmetric, `weight_range` (WEIGHT_RANGES) choosing the integer range and the scale:
+  - "restricted": q in [-(2^(b-1) - 1), 2^(b-1) - 1], S = max|r| / qmax (int4: [-7, 7], 15 levels;
+    +max and -max both exact, nothing clipped);
+  - "full": q in [-2^(b-1), 2^(b-1) - 1], S = max|r| / ((qmax - qmin) / 2) (int4: [-8, 7], S = max|r| / 7.5):
+    torchao's MappingType.SYMMETRIC and torch.ao's symmetric observers, bit for bit. A group's largest
+    positive value lands on 7.5 and is clipped to 7·S (its STE gradient is 0, as in torchao);
+  - "full_no_clip": q in [-2^(b-1), 2^(b-1) - 1], S = max(-min / 2^(b-1), max / qmax): torchao's
+    MappingType.SYMMETRIC_NO_CLIPPING_ERR (no value clipped; -8 used when the negative side dominates);
 * asymmetric: q in [-2^(b-1), 2^(b-1) - 1], S = (max - min) / (qmax - qmin), Z = qmin - round(min / S).
   The observed range is first widened to contain 0 and Z is an *integer* inside [qmin, qmax], so the
   real value 0.0 is exactly on the grid (q = Z): pruned zeros stay exactly zero after quantisation.
@@ -35,6 +41,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 FORMATS = ("int", "nf4")
+# integer range of symmetric uniform grids (asymmetric grids always use [-2^(b-1), 2^(b-1) - 1]); see int_range
+WEIGHT_RANGES = ("restricted", "full", "full_no_clip")
 # bitsandbytes' NF4 levels (QLoRA, arXiv:2305.14314), as hard-coded in bitsandbytes.functional
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -57,10 +65,14 @@ class QScheme:
     per_channel: bool = True
     group_size: int | None = None
     format: str = "int"
+    # records written before this field existed meant "restricted": keep it as the QScheme default
+    weight_range: str = "restricted"
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r}: use one of {FORMATS}.")
+        if self.weight_range not in WEIGHT_RANGES:
+            raise ValueError(f"weight_range={self.weight_range!r}: use one of {WEIGHT_RANGES}.")
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits={self.bits!r} is not supported: use an integer from 2 to 8 (usually 8 or 4).")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
@@ -74,11 +86,11 @@ class QScheme:
 
     @property
     def qmin(self) -> int:
-        return int_range(self.bits, self.symmetric)[0]
+        return int_range(self.bits, self.symmetric, self.weight_range)[0]
 
     @property
     def qmax(self) -> int:
-        return int_range(self.bits, self.symmetric)[1]
+        return int_range(self.bits, self.symmetric, self.weight_range)[1]
 
     @property
     def granularity(self) -> str:
@@ -99,24 +111,38 @@ class QScheme:
 # ---------------------------------------------------------------- scale / zero point
 
 
-def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
-    """(qmin, qmax) of a signed `bits`-bit grid: [-(2^(b-1)-1), 2^(b-1)-1] symmetric, [-2^(b-1), 2^(b-1)-1] not."""
+def int_range(bits: int, symmetric: bool, weight_range: str = "restricted") -> tuple[int, int]:
+    """(qmin, qmax) of a signed `bits`-bit grid — the one home of the integer range.
+
+    Symmetric with weight_range="restricted": [-(2^(b-1)-1), 2^(b-1)-1] (int4 [-7, 7], int8 ±127).
+    Symmetric with "full" / "full_no_clip", and every asymmetric grid: [-2^(b-1), 2^(b-1)-1] (int4 [-8, 7]).
+    """
+    if weight_range not in WEIGHT_RANGES:
+        raise ValueError(f"weight_range={weight_range!r}: use one of {WEIGHT_RANGES}.")
     qmax = 2 ** (bits - 1) - 1
-    return (-qmax if symmetric else -qmax - 1), qmax
+    return (-qmax if symmetric and weight_range == "restricted" else -qmax - 1), qmax
 
 
-def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def qparams(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, weight_range: str = "restricted"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) for values observed in [lo, hi]; float32 tensors, Z integer-valued.
 
     The range is widened to contain 0, so 0.0 always maps to the integer Z and back to exactly 0.
+    Symmetric scales per `weight_range` (module docstring): max|r| / qmax ("restricted"),
+    max|r| / ((qmax - qmin) / 2) ("full", torchao's SYMMETRIC), max(-min / -qmin, max / qmax)
+    ("full_no_clip", torchao's SYMMETRIC_NO_CLIPPING_ERR); the float32 operations are torchao's own.
     A non-zero range never gets a scale below MIN_SCALE (float32 eps, as torch's observers), so 1/S is
     finite; an all-zero range gets S = 1. Ranges with S >= MIN_SCALE are untouched.
     """
     lo = torch.clamp(lo.float(), max=0.0)
     hi = torch.clamp(hi.float(), min=0.0)
-    qmin, qmax = int_range(bits, symmetric)
+    qmin, qmax = int_range(bits, symmetric, weight_range)
     if symmetric:
-        scale = torch.maximum(-lo, hi) / qmax
+        if weight_range == "full_no_clip":
+            scale = torch.maximum(lo / float(qmin), hi / float(qmax))
+        else:
+            scale = torch.maximum(-lo, hi) / (float(qmax - qmin) / 2)  # restricted: (qmax - qmin) / 2 = qmax
         zero = torch.zeros_like(scale)
     else:
         scale = (hi - lo) / (qmax - qmin)
@@ -213,7 +239,7 @@ def _group_qparams(g: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torc
         absmax = g.abs().amax(-1, keepdim=True)
         return torch.where(absmax > 0, absmax, torch.ones_like(absmax)), torch.zeros_like(absmax)
     lo, hi = torch.aminmax(g, dim=-1, keepdim=True)
-    return qparams(lo, hi, scheme.bits, scheme.symmetric)
+    return qparams(lo, hi, scheme.bits, scheme.symmetric, scheme.weight_range)
 
 
 def weight_qparams(w: torch.Tensor, scheme: QScheme, axis: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,6 +75,7 @@ def scheme_for_bits(bits: int, config) -> QScheme:
         symmetric=bool(field_of(config, "symmetric", True)),
         per_channel=bool(field_of(config, "per_channel", True)),
         group_size=group,
+        weight_range=field_of(config, "weight_range") or "restricted",
     )
 
 

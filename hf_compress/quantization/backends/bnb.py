@@ -121,6 +121,12 @@ class Bnb(Backend):
                 raise ValueError("NF4 weights export with `export`='bnb-nf4'.")
             return
         if scheme.bits == 8 and scheme.symmetric and not scheme.group_size:
+            if scheme.weight_range != "restricted":  # SCB = 127 · S: codes ±127 only
+                raise ValueError(
+                    f"`export`={self.name!r} stores 8-bit weights as Linear8bitLt (row absmax / 127, codes in "
+                    f"[-127, 127]); it cannot hold weight_range={scheme.weight_range!r} ([-128, 127]). Use "
+                    f"weight_range='restricted', or export='torch-int8', which stores either range."
+                )
             return
         hint = "export='bnb-nf4' (NF4 grid)" if scheme.bits == 4 else "export='torch-int8'"
         raise ValueError(

@@ -11,8 +11,10 @@ whenever the buffers change (load_state_dict). Measured here: faster than `torch
 MiniLM shape we tried (see docs/quantization.md). Elsewhere (GPU, or a torch without the quantized
 ops) it falls back to dequantise + float matmul: same numbers, no int8 speed.
 
-Any uniform scheme of ≤ 8 bits, per channel or per tensor, symmetric or not, is stored exactly (a
-4-bit per-channel grid is int8 codes in [-7, 7]); group-wise scales and NF4 are not.
+Any uniform scheme of ≤ 8 bits, per channel or per tensor, symmetric or not, with either symmetric
+`weight_range`, is stored exactly (a 4-bit per-channel grid is int8 codes in [-7, 7], or [-8, 7] with
+weight_range='full'; 8-bit 'full' codes reach -128, which the qint8 kernels take); group-wise scales
+and NF4 are not.
 """
 
 from __future__ import annotations

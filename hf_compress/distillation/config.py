@@ -24,6 +24,19 @@ def _number(name: str, value, low: float | None = None, high: float | None = Non
     return value
 
 
+def _count(name: str, value) -> int:
+    """An integer ≥ 0 (a whole float or digit string is taken; bools, fractions and negatives are refused)."""
+    if isinstance(value, bool):
+        raise ValueError(f"`{name}`={value!r} must be an integer ≥ 0, not a bool.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}`={value!r} must be an integer ≥ 0.") from None
+    if not math.isfinite(number) or number != int(number) or number < 0:
+        raise ValueError(f"`{name}`={value!r} must be an integer ≥ 0.")
+    return int(number)
+
+
 @dataclass
 class DistillationConfig:
     """Loss settings of `DistillationTrainer`.
@@ -44,7 +57,9 @@ class DistillationConfig:
     attention_loss_weight: float = field(default=0.0, metadata={"help": "Weight (≥ 0) of TinyBERT-style attention-map matching between mapped layers (needs equal head counts); 0 turns it off."})
     layer_map: Optional[Union[dict, str]] = field(default=None, metadata={"help": "Student block → teacher block for hidden/attention matching, as a dict or JSON string like '{\"0\": 1, \"1\": 3}'. Default: the student's layers spread uniformly over the teacher's."})
     teacher_weights: Optional[list[float]] = field(default=None, metadata={"help": "Weights (≥ 0) of several teachers; the soft targets are the weighted mean of their probabilities. Default: equal weights."})
-    check_finite: bool = field(default=True, metadata={"help": "Stop with an error naming the step and the loss part when a loss part is NaN/Inf (one host sync per step)."})
+    check_finite: bool = field(default=True, metadata={"help": "Stop with an error naming the first step and the loss part that were NaN/Inf. Checked on the device every micro-batch; read back (one host sync, under DDP one small all-gather) only at steps that log, save or evaluate, at epoch ends, at the end of training and every check_finite_steps steps."})
+    check_finite_steps: int = field(default=0, metadata={"help": "With check_finite: also read the device-side NaN/Inf flag back every this many optimizer steps (1 = every step); 0 (default) = only at steps that log, save or evaluate, at epoch ends and at the end of training."})
+    kd_chunk_size: Optional[int] = field(default=None, metadata={"help": "Token-level / causal-LM KD loss: positions per chunk, so that no float32 batch×length×vocabulary tensor of teacher or student is built (same value and gradient as unchunked). None (default) = automatic: about 2^24 logits per chunk (128 tokens at a 128k vocabulary); 0 = off (the whole batch at once)."})
 
     def __post_init__(self):
         self.temperature = _number("temperature", self.temperature, low=0.0, low_open=True)
@@ -57,6 +72,9 @@ class DistillationConfig:
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise ValueError(f"`hidden_loss`={self.hidden_loss!r}: choose one of {HIDDEN_LOSSES}.")
         self.layer_map = self._parse_layer_map(self.layer_map)
+        self.check_finite_steps = _count("check_finite_steps", self.check_finite_steps)
+        if self.kd_chunk_size is not None:
+            self.kd_chunk_size = _count("kd_chunk_size", self.kd_chunk_size)
         if self.teacher_weights is not None:
             if isinstance(self.teacher_weights, (int, float)):
                 self.teacher_weights = [self.teacher_weights]

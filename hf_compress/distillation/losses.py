@@ -214,3 +214,132 @@ def attention_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor, mask:
             mask = mask.bool()[:, None, :].expand_as(per_query)
         return masked_mean(per_query, mask)
 
+
+
+# ---- token-chunked KD for large vocabularies -------------------------------------------------------
+
+CHUNK_ELEMENTS = 1 << 24  # automatic chunk: about 16M logits (64 MB in float32) per chunk
+
+
+def auto_chunk_size(width: int) -> int:
+    """Tokens per chunk when `kd_chunk_size` is automatic: ≈ 2²⁴ logits per chunk (128 tokens at a 128k vocabulary)."""
+    return max(1, CHUNK_ELEMENTS // max(int(width), 1))
+
+
+def _chunk_divergence(s, teachers, weights, t_logp, indices, kind, temperature, beta):
+    """Per-row divergence of one chunk of rows: the same functions, in the same order, as the unchunked loss."""
+    logq = student_log_probs(s, temperature, indices, kind)
+    logp = teacher_log_probs(teachers, temperature, weights) if t_logp is None else t_logp
+    return divergence(logq, logp, kind, beta)
+
+
+class _ChunkedDivergenceSum(torch.autograd.Function):
+    """Σ over rows with `mask` of divergence(student row, teacher row), one chunk of rows at a time.
+
+    The gradient with respect to the student logits is computed chunk by chunk in the forward pass
+    (autograd on the chunk only) and written into one buffer of the logits' shape (float32 for 16-bit
+    logits, else their dtype), so no
+    float32 B×T×V intermediate of either model is kept or built: at most one chunk's float32
+    temporaries exist at a time, besides that gradient buffer (which the backward pass of any loss
+    on these logits creates anyway). The teacher side gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, s, mask, chunk, teachers, weights, t_logp, indices, kind, temperature, beta):
+        rows = s.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=s.device)
+        # float32 for half-precision logits: the chunk gradients are scaled by the upstream gradient only in
+        # backward, and a loss scaler's factor must not meet gradients already rounded (or flushed) to 16 bits
+        wide = torch.float32 if s.dtype in (torch.float16, torch.bfloat16) else s.dtype
+        grad = torch.empty(s.shape, dtype=wide, device=s.device) if ctx.needs_input_grad[0] else None
+        for i in range(0, rows, chunk):
+            j = min(i + chunk, rows)
+            with torch.enable_grad():
+                sc = s[i:j].detach().requires_grad_(grad is not None)
+                div = _chunk_divergence(
+                    sc, [t[i:j] for t in teachers] if teachers is not None else None, weights,
+                    None if t_logp is None else t_logp[i:j], None if indices is None else indices[i:j],
+                    kind, temperature, beta,
+                )
+                part = torch.where(mask[i:j], div, torch.zeros_like(div)).sum()
+            if grad is not None:
+                (g,) = torch.autograd.grad(part, sc)
+                grad[i:j].copy_(g)
+            total = total + part.detach()
+        ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+        ctx.used, ctx.dtype = False, s.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        if ctx.used:  # a second backward (retain_graph=True): do not scale the stored gradient twice
+            out = grad * grad_out.to(grad.dtype)
+        else:
+            ctx.used = True
+            out = grad.mul_(grad_out.to(grad.dtype))
+        return (out.to(ctx.dtype),) + (None,) * 9
+
+
+def chunked_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    teacher_logp: torch.Tensor | None = None,
+    indices: torch.Tensor | None = None,
+    num_items: torch.Tensor | float | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """`kd_loss` computed `chunk_size` positions at a time, equal to it in value and gradient.
+
+    Takes the teacher's *raw* logits (one tensor or a list, mixed with `weights` as `teacher_log_probs`
+    does) so that neither side's float32 log-probabilities over the whole batch exist at once; or, for
+    cached top-k targets, `teacher_logp` with `indices` (already small). Shapes: `[..., V]` logits,
+    `mask` over the leading dims (None: every position counts). The leading dims are flattened, so pass
+    contiguous logits; for causal LMs pass the unshifted logits with the mask of `causal_shift` padded
+    with False at the last position (`causal_mask_full`), which is the same loss without a copy.
+    `chunk_size` None: `auto_chunk_size(V)`. No host synchronisation.
+    """
+    if kind not in KD_LOSSES:
+        raise ValueError(f"kd_loss={kind!r}: choose one of {KD_LOSSES}.")
+    if (teacher_logits is None) == (teacher_logp is None):
+        raise ValueError("pass exactly one of teacher_logits (raw logits) and teacher_logp (cached top-k log-probabilities).")
+    width = student_logits.shape[-1]
+    teachers = None
+    if teacher_logits is not None:
+        teachers = [teacher_logits] if isinstance(teacher_logits, torch.Tensor) else list(teacher_logits)
+        if any(t.requires_grad for t in teachers):  # the chunked path gives the teacher no gradient
+            return kd_loss(student_logits, teacher_log_probs(teachers, temperature, weights), kind, temperature, beta,
+                           mask, indices, num_items)
+        teachers = [t.reshape(-1, t.shape[-1]) for t in teachers]
+    if weights is not None and teachers is not None and len(weights) != len(teachers):
+        raise ValueError(f"{len(weights)} teacher weights for {len(teachers)} teachers.")
+    s = student_logits.reshape(-1, width)
+    rows = s.shape[0]
+    if teacher_logp is not None:
+        teacher_logp = teacher_logp.reshape(rows, -1)
+    if indices is not None:
+        indices = indices.reshape(rows, -1)
+    full = torch.ones(rows, dtype=torch.bool, device=s.device) if mask is None else mask.reshape(rows).bool()
+    chunk = auto_chunk_size(width) if not chunk_size else int(chunk_size)
+    total = _ChunkedDivergenceSum.apply(s, full, chunk, teachers, weights, teacher_logp, indices, kind, temperature, beta)
+    if num_items is not None:
+        return temperature**2 * total / num_items
+    if mask is None:
+        return temperature**2 * total / max(rows, 1)
+    return temperature**2 * total / full.sum().clamp_min(1).to(total.dtype)
+
+
+def causal_mask_full(labels: torch.Tensor | None, attention_mask: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+    """`causal_shift`'s mask over all T positions of the unshifted logits: False at the last one (it predicts nothing)."""
+    batch, length = shape
+    _, mask = causal_shift(torch.empty(batch, length, 0), labels, attention_mask)
+    device = labels.device if labels is not None else attention_mask.device if attention_mask is not None else None
+    if mask is None:
+        mask = torch.ones(batch, length - 1, dtype=torch.bool, device=device)
+    return torch.cat([mask, torch.zeros(batch, 1, dtype=torch.bool, device=mask.device)], dim=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Sequence
 
 import torch
@@ -129,6 +130,30 @@ class _TeacherModes(TrainerCallback):
         self.modes = None
 
 
+class _FiniteCheck(TrainerCallback):
+    """Reads the trainer's device-side NaN/Inf record back at steps every rank shares: before a log, save or
+    evaluation (the flow callback, which runs first, has set `control` by then), every `check_finite_steps`
+    steps, at epoch ends and at the end of training. So no log line, checkpoint or evaluation follows a bad step."""
+
+    def __init__(self, trainer: "DistillationTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._finite_record = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every = self.trainer.distillation_config.check_finite_steps
+        if (control.should_log or control.should_save or control.should_evaluate or control.should_training_stop
+                or (every and state.global_step % every == 0)):
+            self.trainer._flush_finite_check()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer._flush_finite_check()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._flush_finite_check()
+
+
 class DistillationTrainer(Trainer):
     """`Trainer` that trains `model` (the student) towards `teacher_model` (one model or a list).
 
@@ -191,6 +216,9 @@ class DistillationTrainer(Trainer):
         self.projections = self._make_projections(student)
         self.add_callback(_DistillationState(self.projections, cfg.to_dict()))
         self.add_callback(_TeacherModes(self.teachers))
+        self._finite_record: torch.Tensor | None = None  # first NaN/Inf step on the device (see _check_finite)
+        if cfg.check_finite:
+            self.add_callback(_FiniteCheck(self))
         self._part_sums: dict[str, torch.Tensor] = {}
         self._part_count = 0.0  # optimizer steps since the last log (each micro-batch adds 1 / accumulation steps)
 
@@ -462,6 +490,8 @@ class DistillationTrainer(Trainer):
 
     def _soft_loss(self, s_logits, t_outputs, cache, labels, attention_mask, count=None) -> torch.Tensor:
         cfg = self.distillation_config
+        if s_logits.dim() == 3 and cfg.kd_chunk_size != 0:
+            return self._chunked_soft_loss(s_logits, t_outputs, cache, labels, attention_mask, count)
         indices = None
         if t_outputs:
             t_logp = L.teacher_log_probs([o.logits for o in t_outputs], cfg.temperature, cfg.teacher_weights)
@@ -481,6 +511,23 @@ class DistillationTrainer(Trainer):
         elif count is not None:
             mask = labels.ne(-100)  # classification rows the Trainer counted
         return L.kd_loss(s_logits, t_logp, cfg.kd_loss, cfg.temperature, cfg.beta, mask, indices, num_items=count)
+
+    def _chunked_soft_loss(self, s_logits, t_outputs, cache, labels, attention_mask, count=None) -> torch.Tensor:
+        """Token-level / causal KD `kd_chunk_size` positions at a time (`losses.chunked_kd_loss`): the teachers' raw
+        logits go in, so no float32 log-probabilities over the whole batch are built for either model. Causal LMs
+        keep the unshifted logits (no copy) with the shifted mask, False at the last position."""
+        cfg = self.distillation_config
+        shape = tuple(s_logits.shape[:2])
+        if self._causal:
+            mask = L.causal_mask_full(labels, attention_mask, shape)
+        else:
+            mask = L.token_mask(labels, attention_mask)
+        common = dict(kind=cfg.kd_loss, temperature=cfg.temperature, beta=cfg.beta, mask=mask, num_items=count,
+                      chunk_size=cfg.kd_chunk_size)
+        if t_outputs:
+            return L.chunked_kd_loss(s_logits, [o.logits for o in t_outputs], weights=cfg.teacher_weights, **common)
+        values, indices = cache[VALUES][:, : shape[1]], cache[INDICES][:, : shape[1]]
+        return L.chunked_kd_loss(s_logits, teacher_logp=L.cached_log_probs(values, cfg.temperature), indices=indices, **common)
 
     def _hidden_loss(self, s_hidden, t_hidden, mask) -> torch.Tensor:
         cfg = self.distillation_config
@@ -503,39 +550,58 @@ class DistillationTrainer(Trainer):
     _PARTS = ("hard", "soft", "hidden", "attention")
 
     def _check_finite(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
-        """Stop on a NaN/Inf loss on every rank at once: one host sync per micro-batch, and under
-        torch.distributed one small all-reduce, so no rank waits in a collective for one that stopped."""
+        """Record a NaN/Inf loss part on the device, with no host sync: the first bad step of this run, which
+        parts were bad and their values then stay in `_finite_record` until `_flush_finite_check` reads it."""
+        dev = loss.device
+        no = torch.zeros((), dtype=torch.bool, device=dev)
+        flags = torch.stack([~torch.isfinite(loss.detach())] + [~torch.isfinite(parts[n].detach()) if n in parts else no for n in self._PARTS])
+        zero, one = torch.zeros((), dtype=torch.float64, device=dev), torch.ones((), dtype=torch.float64, device=dev)
+        values = [parts[n].detach().to(torch.float64) if n in parts else zero for n in self._PARTS]
+        present = torch.stack([one if n in parts else zero for n in self._PARTS])  # built on the device: no copy
+        step = torch.full((1,), float(self.state.global_step + 1), dtype=torch.float64, device=dev)
+        # [step, bad total, bad hard/soft/hidden/attention, their values, which parts exist]
+        candidate = torch.cat([step, flags.to(torch.float64), torch.stack(values), present])
+        record = self._finite_record
+        if record is None or record.device != dev:
+            record = torch.full_like(candidate, float("inf"))
+        # keep the first bad micro-batch: replace only while no bad step is recorded (record[0] = inf)
+        self._finite_record = torch.where(flags.any() & torch.isinf(record[0]), candidate, record)
+
+    def _flush_finite_check(self) -> None:
+        """Read the device-side record back (one host sync; under torch.distributed one small all-gather, so every
+        rank raises together) and raise naming the first bad step. Called by `_FiniteCheck` at the same optimizer
+        steps on every rank: before each log, save or evaluation, at epoch ends, at the end of training and every
+        `check_finite_steps` steps."""
         dist = torch.distributed
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if world == 1:
-            if not bool(torch.isfinite(loss)):
-                self._raise_non_finite(parts)
+        record = self._finite_record
+        if world > 1:
+            if record is None:  # nothing computed yet on this rank: a clean record of the right size
+                record = torch.full((1 + 1 + 3 * len(self._PARTS),), float("inf"), dtype=torch.float64, device=self.args.device)
+            gathered = [torch.empty_like(record) for _ in range(world)]
+            dist.all_gather(gathered, record)
+            rows = torch.stack(gathered).tolist()
+        elif record is None:
             return
-        # [total, hard, soft, hidden, attention] non-finite on this rank, and the lowest rank that saw one
-        rank = dist.get_rank()
-        flags = [~torch.isfinite(loss.detach())] + [
-            ~torch.isfinite(parts[n].detach()) if n in parts else torch.zeros((), dtype=torch.bool, device=loss.device)
-            for n in self._PARTS
-        ]
-        bad = torch.stack(flags).to(torch.float32)
-        first = torch.where(bad[0] > 0, torch.tensor(float(-rank), device=loss.device), torch.tensor(-float(world), device=loss.device))
-        summary = torch.cat([bad, first.view(1)])
-        dist.all_reduce(summary, op=dist.ReduceOp.MAX)
-        summary = summary.tolist()
-        if summary[0] > 0:
-            names = [n for n, f in zip(self._PARTS, summary[1:5]) if f > 0]
-            self._raise_non_finite(parts, names, int(-summary[5]), world)
+        else:
+            rows = [record.tolist()]
+        firsts = [(row[0], rank) for rank, row in enumerate(rows) if math.isfinite(row[0])]
+        if not firsts:
+            return
+        step, rank = min(firsts)  # the earliest step, and the lowest rank that saw it
+        row, n = rows[rank], len(self._PARTS)
+        bad = [p for p, f in zip(self._PARTS, row[2 : 2 + n]) if f > 0]
+        values = {p: v for p, v, there in zip(self._PARTS, row[2 + n : 2 + 2 * n], row[2 + 2 * n :]) if there > 0}
+        self._raise_non_finite(bad, int(step), values, rank if world > 1 else None, world)
 
-    def _raise_non_finite(self, parts: dict[str, torch.Tensor], bad=None, rank=None, world=1) -> None:
-        if bad is None:
-            bad = [n for n, v in parts.items() if not bool(torch.isfinite(v))]
+    def _raise_non_finite(self, bad: list, step: int, values: dict, rank=None, world=1) -> None:
         bad = bad or ["total"]
-        values = {n: float(v.detach()) for n, v in parts.items()}
         where = f" on rank {rank} of {world}" if world > 1 else ""
-        mine = f" (parts on this rank: {values})" if world > 1 else f" (parts: {values})"
+        found = self.state.global_step
+        checked = f"; found at the check after step {found}" if found > step else ""
         raise FloatingPointError(
-            f"DistillationTrainer: the {' and '.join(bad)} loss part is NaN/Inf at step {self.state.global_step + 1}"
-            f"{where}{mine}. Lower the learning rate or temperature, check the inputs and the teacher's logits "
+            f"DistillationTrainer: the {' and '.join(bad)} loss part is NaN/Inf at step {step}{where} (parts: {values}"
+            f"{checked}). Lower the learning rate or temperature, check the inputs and the teacher's logits "
             "(fp16 overflow?), or set check_finite=False to let the Trainer skip such steps."
         )
 

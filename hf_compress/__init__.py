@@ -16,6 +16,7 @@ _EXPORTS = {
     "QATConfig": "hf_compress.quantization.config",
     "ClusteringCallback": "hf_compress.callbacks.clustering",  # clustering
     "ClusteringConfig": "hf_compress.clustering.config",  # clustering
+    "shared_student_from_teacher": "hf_compress.distillation.sharing",  # clustering (cross-layer sharing)
     "quantize_model": "hf_compress.quantization.ptq",
     "load_pretrained": "hf_compress.loading",
     "merge_lora": "hf_compress.pruning.lora",

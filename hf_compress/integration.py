@@ -87,6 +87,8 @@ def reasons(model_or_config, model: nn.Module | None = None) -> list[str]:
         out.append("low-rank factorised layers")  # lowrank
     if meta.get("clustering"):  # clustering
         out.append("clustered weights (codebook + packed indices)")
+    if meta.get("sharing"):  # clustering (cross-layer sharing)
+        out.append("cross-layer shared blocks (stored once)")
     p = meta.get("pruning") or {}
     if "heads" in p or "ffn" in p:
         if model is None or not _stock_builds(model, p):
@@ -333,6 +335,10 @@ def _quantizer_classes():
             rebuild_lowrank(model, meta.get("lowrank") or {})  # lowrank
             # hf_compress.storage: files, metadata and the meta-device skeleton checked against the headers
             _clustering_before_loading(model, meta, self._files, getattr(model.config, "name_or_path", None))  # clustering
+            if meta.get("sharing"):  # clustering (cross-layer sharing): shared blocks stored once
+                from .distillation.sharing import apply_sharing
+
+                apply_sharing(model, meta["sharing"])
             check_skeleton_before_loading(model, meta, self._files, getattr(model.config, "name_or_path", None))
             self._deferred = _deferred_layers(model, meta)
             if self._deferred and not all(f.endswith(".safetensors") for f in self._files):
@@ -359,6 +365,10 @@ def _quantizer_classes():
             from .clustering import load_clustered_weights  # clustering
 
             load_clustered_weights(model, self._meta, self._files)  # clustering: codebook + indices decoded
+            if self._meta.get("sharing"):  # clustering (cross-layer sharing): tie again after transformers loaded
+                from .distillation.sharing import apply_sharing
+
+                apply_sharing(model, self._meta["sharing"])
             q = self._meta.get("quantization")
             if not q or not self._deferred:
                 load_sparse_weights(model, self._meta, self._files)  # hf_compress.storage
@@ -413,6 +423,10 @@ def _clustering_patterns(model, meta: dict, unexpected: set, missing: set) -> tu
     from .clustering import clustered_ignore_patterns
 
     more_unexpected, more_missing = clustered_ignore_patterns(model, meta)
+    if meta.get("sharing"):  # cross-layer sharing: the blocks stored once are not missing
+        from .distillation.sharing import missing_patterns
+
+        more_missing = more_missing | missing_patterns(model, meta["sharing"])
     return unexpected | more_unexpected, missing | more_missing
 
 

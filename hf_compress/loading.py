@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .clustering import check_clustering_record, rebuild_clustered  # clustering
+from .distillation.sharing import apply_sharing  # clustering (cross-layer sharing)
 from .lowrank import rebuild_lowrank  # lowrank
 from .metadata import get_metadata
 from .modules import model_class_for
@@ -73,6 +74,8 @@ def check_directory(path: str | os.PathLike, model_class: type | None = None, **
     check_pruning_record(meta, base)
     if "pruning" in meta:
         apply_structure(skeleton, meta["pruning"])
+    if "sharing" in meta:  # clustering (cross-layer sharing): shared blocks are stored once
+        apply_sharing(skeleton, meta["sharing"])
     check_lowrank_record(skeleton, meta)  # lowrank: layers and ranks checked before the skeleton is factorised
     rebuild_lowrank(skeleton, meta.get("lowrank") or {})  # lowrank
     check_metadata(skeleton, meta)
@@ -97,6 +100,8 @@ def load_pretrained(path: str | os.PathLike, model_class: type | None = None, **
     model = cls(config)
     if "pruning" in meta:
         apply_structure(model, meta["pruning"])
+    if "sharing" in meta:  # clustering (cross-layer sharing)
+        apply_sharing(model, meta["sharing"])
     rebuild_lowrank(model, meta.get("lowrank") or {})  # lowrank: factors first, rebuild_quantized may replace them
     if "quantization" in meta:
         rebuild_quantized(model, meta["quantization"])

@@ -286,6 +286,24 @@ def test_not_a_model_refused(tmp_path):
     assert _nothing_written(tmp_path, "out")
 
 
+def test_unrepresentable_activation_quantisation_refused(tmp_path, monkeypatch):
+    from hf_compress.quantization import prepare
+
+    sym = quantize_model(tiny_bert(), QATConfig(activation_bits=8, observer="dynamic", activation_symmetric=True))
+    with pytest.raises(ValueError, match=r"activation_symmetric=False.*export='torch-int8'"):
+        export_onnx(sym, tmp_path / "out")
+    running = tiny_bert()
+    prepare(running, QATConfig(activation_bits=8))  # QAT just started: no calibrated input range yet
+    with pytest.raises(ValueError, match="no calibrated range"):
+        export_onnx(running, tmp_path / "out")
+    import hf_compress.onnx as hfc_onnx
+
+    monkeypatch.setattr(hfc_onnx, "ONNX_PACKAGES", ("onnx", "not_an_installed_package_xyz"))
+    with pytest.raises(ValueError, match=r"hf_compress\[onnx\]"):
+        export_onnx(tiny_bert(), tmp_path / "out")
+    assert _nothing_written(tmp_path, "out")
+
+
 # ---------------------------------------------------------------- the command
 
 

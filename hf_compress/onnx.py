@@ -416,7 +416,11 @@ def export_onnx(
     files are copied).
 
     `verify`: run the file in ONNX Runtime on a padded sample batch and record the largest difference from
-    the PyTorch model (raises when a model without integer layers differs by more than 1e-5 · (1 + max|y|)).
+    the PyTorch model and from the export copy run in PyTorch (the same graph: float layers as they are,
+    int8 layers computing ONNX's DynamicQuantizeLinear / MatMulInteger exactly); raises, writing nothing,
+    when a model without quantised activations differs by more than 1e-4 · (1 + max|y|). With dynamic
+    per-tensor activation quantisation a one-code rounding difference can move a whole tensor's scale, so
+    int8 differences are of the size of the quantisation noise: recorded only (docs/onnx.md).
     Returns the dict written to onnx_export.json.
     """
     _require_packages()
@@ -462,7 +466,7 @@ def export_onnx(
         if verify:
             v = info["verification"] = verify_onnx(onnx_path, model, inputs, output, graph_reference=export_model)
             exact = not counts["int8_linear"] and not counts["input_quant_linear"]
-            if exact and v["max_abs_diff"] > 1e-5 * (1 + v["max_abs_reference"]):
+            if exact and v["max_abs_diff"] > 1e-4 * (1 + v["max_abs_reference"]):
                 raise ValueError(
                     f"ONNX Runtime output differs by {v['max_abs_diff']:.3g} from the PyTorch float model: nothing was "
                     "written (please report this)."

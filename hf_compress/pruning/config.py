@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json  # sensitivity
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .._config import refuse_renamed
 from .masks import GRANULARITIES, STRUCTURED
@@ -71,6 +72,14 @@ class PruningConfig:
         default=True,
         metadata={"help": "Structured granularities: at the end of training delete the pruned heads / neurons / "
                           "layers (smaller Linear layers, fewer heads and layers) instead of leaving zeros."},
+    )
+    layer_sparsity: Optional[Union[dict, str]] = field(  # sensitivity
+        default=None,
+        metadata={"help": "Unstructured only: per-layer sparsity, {regex: sparsity in [0, 1)} (re.search on module names, "
+                          "first match wins; JSON or 'regex=s,regex=s' on the command line). A matching layer is pruned "
+                          "to its own sparsity (its weights ranked alone); the others share target_sparsity. The schedule "
+                          "ramps all together: where it is at fraction p of target_sparsity, a layer is at p x its own. "
+                          "Written by hf-compress analyze (docs/sensitivity.md)."},
     )
     uniform: bool = field(
         default=False,
@@ -153,10 +162,54 @@ class PruningConfig:
                 f"PruningConfig.uniform=True applies to granularity 'heads' or 'neurons' (the same count in every "
                 f"layer); granularity={self.granularity!r}: {why}. Drop uniform=True."
             )
+        self._check_layer_sparsity()  # sensitivity
         if self.pruning_targets is not None and isinstance(self.pruning_targets, str):
             self.pruning_targets = [self.pruning_targets]
         if self.pruning_exclude is not None and isinstance(self.pruning_exclude, str):
             self.pruning_exclude = [self.pruning_exclude]
+
+    def _check_layer_sparsity(self) -> None:  # sensitivity
+        v = self.layer_sparsity
+        if v is None:
+            return
+        if isinstance(v, str):
+            text = v.strip()
+            try:
+                v = json.loads(text) if text.startswith("{") else dict(
+                    (a.strip(), b.strip()) for a, _, b in (part.rpartition("=") for part in text.split(",")) if a)
+            except ValueError as e:
+                raise ValueError(f"PruningConfig.layer_sparsity={text!r}: write 'regex=sparsity,...' or a JSON object ({e}).") from None
+        if not isinstance(v, dict) or not v:
+            raise ValueError(f"PruningConfig.layer_sparsity={self.layer_sparsity!r}: use a non-empty dict of regex -> sparsity, "
+                             "e.g. {'layer\\.0\\.': 0.3, 'intermediate': 0.7}.")
+        if self.granularity != "unstructured":
+            raise ValueError(f"PruningConfig.layer_sparsity applies to granularity='unstructured', not {self.granularity!r}: "
+                             "drop layer_sparsity or use unstructured pruning.")
+        if self.target_sparsity <= 0:
+            raise ValueError("PruningConfig.layer_sparsity needs target_sparsity > 0: target_sparsity drives the schedule "
+                             "(and is the sparsity of the layers no pattern matches); restrict pruning_targets to the "
+                             "listed layers to leave the others dense.")
+        clean = {}
+        for pattern, s in v.items():
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"PruningConfig.layer_sparsity: {pattern!r} is not a valid regular expression ({e}).") from None
+            try:
+                s = float(s) if not isinstance(s, bool) else None
+            except (TypeError, ValueError):
+                s = None
+            if s is None or not 0.0 <= s < 1.0:
+                raise ValueError(f"PruningConfig.layer_sparsity: sparsity {v[pattern]!r} for {pattern!r} must be a number in [0, 1).")
+            clean[pattern] = s
+        self.layer_sparsity = clean
+
+    def sparsity_of(self, name: str) -> float | None:  # sensitivity
+        """The layer_sparsity of module `name` (first matching regex), None when no pattern matches."""
+        for pattern, s in (self.layer_sparsity or {}).items():
+            if re.search(pattern, name):
+                return s
+        return None
 
     @property
     def structured(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re  # sensitivity
 import warnings
 
 import torch
@@ -24,6 +25,13 @@ def prepare(model: nn.Module, config) -> Pruner:
     scope = "local" if uniform else c.scope
     pruner = Pruner(model, c.method, c.granularity, scope, c.n, c.m, c.pruning_targets, c.pruning_exclude)
     pruner.check_target(c.target_sparsity)
+    if getattr(c, "layer_sparsity", None):  # sensitivity: per-layer targets
+        per = [c.sparsity_of(x) for x in pruner.names]
+        unused = [p for p in c.layer_sparsity if not any(re.search(p, x) for x in pruner.names)]
+        if unused:
+            raise ValueError(f"PruningConfig.layer_sparsity: {unused} match no targeted layer of {type(unwrap(model)).__name__} "
+                             f"(targeted layers look like {pruner.names[:3]}); fix the regexes or pruning_targets.")
+        pruner.set_layer_sparsity(per, c.target_sparsity)
     if uniform:
         check_uniform(model, c.granularity, c.target_sparsity, pruner.groups)
     return pruner

@@ -85,6 +85,14 @@ class Pruner:
         self.active = False  # nothing pruned yet: the per-step multiplies are skipped
         self.units = [torch.ones(g.n_units, dtype=torch.bool, device=self.weights[0].device) for g in self.groups]
         self.scores = S.init_scores(self._local(), method, self.names)
+        self.layer_sparsity, self.target = None, 1.0  # sensitivity: per-module targets (set_layer_sparsity)
+
+    def set_layer_sparsity(self, per_module: list[float | None], target: float) -> None:  # sensitivity
+        """Unstructured: module i is pruned (alone) to per_module[i] when the schedule reaches `target`, to
+        per_module[i] x sparsity / target before; modules with None share the scheduled sparsity (by scope)."""
+        if self.granularity != "unstructured" or len(per_module) != len(self.names):
+            raise ValueError("per-layer sparsity needs unstructured pruning and one entry per targeted module.")
+        self.layer_sparsity, self.target = list(per_module), float(target)
 
     def _local(self) -> list[torch.Tensor]:
         """This rank's piece of each targeted weight (the weight itself unless FSDP2 sharded it)."""
@@ -171,7 +179,16 @@ class Pruner:
     def update(self, sparsity: float) -> None:
         """Recompute the masks for `sparsity` from the current scores, and apply them."""
         sc = self.gather(S.current(self.scores, self._local(), self.method))
-        if self.granularity == "unstructured":
+        if self.granularity == "unstructured" and self.layer_sparsity is not None:  # sensitivity: per-layer targets
+            masks, free = [None] * len(sc), [i for i, s in enumerate(self.layer_sparsity) if s is None]
+            p = sparsity / self.target if self.target > 0 else 0.0  # where the schedule is, as a fraction of its end
+            for i, s in enumerate(self.layer_sparsity):
+                if s is not None:
+                    masks[i] = unstructured_masks([sc[i]], s * p, "local")[0]
+            for i, mk in zip(free, unstructured_masks([sc[i] for i in free], sparsity, self.scope) if free else []):
+                masks[i] = mk
+            self._set(masks, sparsity > 0)
+        elif self.granularity == "unstructured":
             self._set(unstructured_masks(sc, sparsity, self.scope), sparsity > 0)
         elif self.granularity == "n:m":
             zeros = min(self.n, math.floor(sparsity * self.m + 1e-6))  # gradual: 0, 1, ..., n zeros per group

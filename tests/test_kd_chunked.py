@@ -104,6 +104,7 @@ def test_config_fields_validated():
         with pytest.raises(ValueError, match="check_finite_steps"):
             DistillationConfig(check_finite_steps=bad)
     assert L.auto_chunk_size(131072) == 128 and L.auto_chunk_size(32000) == 524
+    assert L.auto_chunk_size(131072, 16384) == 128 and L.auto_chunk_size(32000, 512) == 64 and L.auto_chunk_size(10, 3) == 1
 
 
 # ---- through the trainer: one SGD step with gradient accumulation ------------------------------------

@@ -218,12 +218,17 @@ def attention_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor, mask:
 
 # ---- token-chunked KD for large vocabularies -------------------------------------------------------
 
-CHUNK_ELEMENTS = 1 << 24  # automatic chunk: about 16M logits (64 MB in float32) per chunk
+CHUNK_ELEMENTS = 1 << 24  # automatic chunk: at most about 16M logits (64 MB in float32) per chunk
+MIN_CHUNKS = 8  # and at least 8 chunks, so one chunk's temporaries stay well below one B×T×V tensor
 
 
-def auto_chunk_size(width: int) -> int:
-    """Tokens per chunk when `kd_chunk_size` is automatic: ≈ 2²⁴ logits per chunk (128 tokens at a 128k vocabulary)."""
-    return max(1, CHUNK_ELEMENTS // max(int(width), 1))
+def auto_chunk_size(width: int, rows: int | None = None) -> int:
+    """Tokens per chunk when `kd_chunk_size` is automatic: at most 2²⁴ logits per chunk (128 tokens at a 128k
+    vocabulary), and at most 1/8 of the `rows` positions."""
+    chunk = max(1, CHUNK_ELEMENTS // max(int(width), 1))
+    if rows is not None:
+        chunk = min(chunk, max(1, -(-int(rows) // MIN_CHUNKS)))
+    return chunk
 
 
 def _chunk_divergence(s, teachers, weights, t_logp, indices, kind, temperature, beta):
@@ -303,7 +308,7 @@ def chunked_kd_loss(
     `mask` over the leading dims (None: every position counts). The leading dims are flattened, so pass
     contiguous logits; for causal LMs pass the unshifted logits with the mask of `causal_shift` padded
     with False at the last position (`causal_mask_full`), which is the same loss without a copy.
-    `chunk_size` None: `auto_chunk_size(V)`. No host synchronisation.
+    `chunk_size` None: `auto_chunk_size(V, positions)`. No host synchronisation.
     """
     if kind not in KD_LOSSES:
         raise ValueError(f"kd_loss={kind!r}: choose one of {KD_LOSSES}.")
@@ -326,7 +331,7 @@ def chunked_kd_loss(
     if indices is not None:
         indices = indices.reshape(rows, -1)
     full = torch.ones(rows, dtype=torch.bool, device=s.device) if mask is None else mask.reshape(rows).bool()
-    chunk = auto_chunk_size(width) if not chunk_size else int(chunk_size)
+    chunk = auto_chunk_size(width, rows) if not chunk_size else int(chunk_size)
     total = _ChunkedDivergenceSum.apply(s, full, chunk, teachers, weights, teacher_logp, indices, kind, temperature, beta)
     if num_items is not None:
         return temperature**2 * total / num_items

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .export import add_parser as add_export
 
     add_export(sub)
+    from .analyze import add_parser as add_analyze
+
+    add_analyze(sub)
     return p
 
 
@@ -122,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             from .export import run as _export
 
             return _export(args)
+        if args.command == "analyze":
+            from .analyze import run as _analyze
+
+            return _analyze(args)
         return _run(args) if args.command == "run" else _report(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         if os.environ.get("HF_COMPRESS_DEBUG"):

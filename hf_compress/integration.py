@@ -150,7 +150,9 @@ class _CompressedMixin:
             write_model_card(save_directory, self)
 
     def __reduce__(self):
-        return (_restore_config, (self._hfc_base.model_type, self._hfc_refuse, self.to_dict()))
+        # the state too: to_dict() leaves out private attributes such as _attn_implementation, without which a
+        # deepcopy (student_from_teacher, copy.deepcopy(model)) would dispatch attention with None
+        return (_restore_config, (self._hfc_base.model_type, self._hfc_refuse, self.to_dict()), dict(self.__dict__))
 
 
 def _restore_config(base_type: str, refuse: bool, data: dict):

@@ -301,3 +301,21 @@ def test_registration_happens_on_import():
 
     assert MODEL_TYPE in CONFIG_MAPPING and "hf_compress" in AUTO_QUANTIZER_MAPPING
     assert hf_compress.write_model_card is not None and AutoConfig is not None
+
+
+def test_deepcopy_and_pickle_of_a_compressed_model_keep_the_attention_implementation():
+    """A copy of a recorded model (copy.deepcopy, pickle: student_from_teacher, a teacher copy) keeps every config
+    attribute, the private _attn_implementation included; before, it came back None."""
+    import copy
+    import pickle
+
+    from hf_compress.quantization.config import QATConfig
+    from hf_compress.quantization.ptq import quantize_model
+
+    model = quantize_model(tiny_bert(layers=2), QATConfig(weight_bits=8, export="torch-int8"))
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(clone.config) is type(model.config)
+        assert clone.config._attn_implementation == model.config._attn_implementation is not None
+        assert clone.config.to_dict() == model.config.to_dict()
+        batch = _inputs()
+        assert torch.equal(_logits(clone, batch), _logits(model, batch))

@@ -745,6 +745,61 @@ def _t5():
                                                 decoder_start_token_id=0, pad_token_id=0))
 
 
+# lowrank (issue 15 part 1): LowRankConfig / LowRankCallback / the lowrank record of a saved model
+from hf_compress import LowRankCallback, LowRankConfig  # noqa: E402  # lowrank
+from hf_compress.lowrank import convert as lowrank_convert  # noqa: E402  # lowrank
+
+Q0 = "bert.encoder.layer.0.attention.self.query"
+
+
+def _lowrank_distributed(t):
+    from types import SimpleNamespace
+
+    LowRankCallback(LowRankConfig(lowrank_start_step=2)).on_init_end(SimpleNamespace(world_size=2, max_steps=4), None, None,
+                                                                     model=tiny_bert())
+
+
+def _lowrank_bad_record(t):
+    layer = {"in_features": 32, "out_features": 32, "rank": 40, "bias": True}
+    return load_pretrained(saved_bert(t, lambda c: c.update(hf_compress={"lowrank": {"layers": {Q0: layer}}})))
+
+
+LOWRANK_CASES = {  # lowrank
+    "lowrank-ranks": (lambda t: LowRankConfig(lowrank_ranks={"query": 0}), ValueError,
+                      r"lowrank_ranks=\{'query': 0\}: rank 0 for 'query' must be an integer >= 1"),
+    "lowrank-ranks-json": (lambda t: LowRankConfig(lowrank_ranks="{query: 4"), ValueError, r"lowrank_ranks=.*not valid JSON"),
+    "lowrank-fraction": (lambda t: LowRankConfig(lowrank_rank_fraction=1.5), ValueError,
+                         r"lowrank_rank_fraction=1.5: use a number in \(0, 1\]"),
+    "lowrank-energy": (lambda t: LowRankConfig(lowrank_energy=0), ValueError, r"lowrank_energy=0: use a number in \(0, 1\]"),
+    "lowrank-fraction-and-energy": (lambda t: LowRankConfig(lowrank_rank_fraction=0.5, lowrank_energy=0.9), ValueError,
+                                    r"either lowrank_rank_fraction or lowrank_energy, not both"),
+    "lowrank-method": (lambda t: LowRankConfig(lowrank_method="svd2"), ValueError, r"lowrank_method='svd2': use one of"),
+    "lowrank-asvd-alpha": (lambda t: LowRankConfig(lowrank_asvd_alpha=2), ValueError, r"lowrank_asvd_alpha=2: use a number in \(0, 1\]"),
+    "lowrank-start-step": (lambda t: LowRankConfig(lowrank_start_step=-1), ValueError, r"lowrank_start_step=-1: use an integer >= 0"),
+    "lowrank-data-aware-at-0": (lambda t: LowRankConfig(lowrank_method="asvd"), ValueError,
+                                r"needs lowrank_start_step >= 1 \(steps to collect them\)"),
+    "lowrank-schedule": (lambda t: LowRankConfig(lowrank_schedule="fast"), ValueError, r"lowrank_schedule='fast': use one of"),
+    "lowrank-frequency": (lambda t: LowRankConfig(lowrank_frequency=0), ValueError, r"lowrank_frequency=0: use an integer >= 1"),
+    "lowrank-end-step": (lambda t: LowRankConfig(lowrank_schedule="cubic", lowrank_start_step=4, lowrank_end_step=2), ValueError,
+                         r"lowrank_end_step=2: use an integer > lowrank_start_step=4"),
+    "lowrank-targets-regex": (lambda t: LowRankConfig(lowrank_targets=["("]), ValueError, r"lowrank_targets=\['\('\]: '\(' is not a valid"),
+    "lowrank-no-target": (lambda t: with_callback(t, LowRankCallback(LowRankConfig(lowrank_targets=["nothing_here"]))), ValueError,
+                          r"`lowrank_targets`=\['nothing_here'\].*matches no Linear module"),
+    "lowrank-ranks-no-layer": (lambda t: with_callback(t, LowRankCallback(LowRankConfig(lowrank_ranks={"querry": 4}))), ValueError,
+                               r"lowrank_ranks: pattern 'querry' matches none of the 24 targeted layers"),
+    "lowrank-rank-too-big": (lambda t: with_callback(t, LowRankCallback(LowRankConfig(lowrank_ranks={"query": 40}))), ValueError,
+                             r"rank 40 for 'query' exceeds the full rank of bert.encoder.layer.0.attention.self.query \(min\(in, out\) = 32\)"),
+    "lowrank-start-after-run": (lambda t: with_callback(t, LowRankCallback(LowRankConfig(lowrank_start_step=2))), ValueError,
+                                r"lowrank_start_step=2 is at or after the last training step \(2\)"),
+    "lowrank-distributed": (_lowrank_distributed, ValueError, r"under distributed training \(2 processes\)"),
+    "lowrank-convert-data-aware": (lambda t: lowrank_convert(tiny_bert(), LowRankConfig(lowrank_method="fwsvd", lowrank_start_step=1)),
+                                   ValueError, r"lowrank.convert: lowrank_method='fwsvd' needs statistics from training steps"),
+    "load-lowrank-record": (_lowrank_bad_record, ValueError,
+                            r"hf_compress.lowrank layer 'bert.encoder.layer.0.attention.self.query' has rank 40, above min\(in, out\) = 32"),
+}
+CASES.update(LOWRANK_CASES)  # lowrank
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input(case, tmp_path):
     fn, exc, pattern = CASES[case]

@@ -150,6 +150,11 @@ RAISES = {
     "callbacks/_logs.py": {
         ("LogsForIntegrations.metrics_for_log", "NotImplementedError", 1): R + "abstract method; each callback implements it (pragma: no cover).",
     },
+    "callbacks/lowrank.py": {  # lowrank
+        ("LowRankCallback.__init__", "ValueError", 1): "callback-config-and-kwargs",
+        ("LowRankCallback.on_init_end", "ValueError", 1): "lowrank-distributed",
+        ("LowRankCallback.on_train_begin", "ValueError", 1): "resume-run-length",
+    },
     "callbacks/pruning.py": {
         ("PruningCallback.__init__", "ValueError", 1): "callback-config-and-kwargs",
         ("PruningCallback.on_train_begin", "ValueError", 1): "fsdp2-remove-pruned",
@@ -342,12 +347,29 @@ RAISES = {
         ("_model_class", "ValueError", 1): "load-model-class",
         ("load_pretrained", "ValueError", 1): "load-weights-mismatch",
     },
+    "lowrank/config.py": {  # lowrank
+        ("_parse_ranks", "ValueError", 1): "lowrank-ranks-json",
+        ("_parse_ranks", "ValueError", 2): "lowrank-ranks",
+        ("LowRankConfig.__post_init__.bad", "ValueError", 1): (
+            "lowrank-ranks", "lowrank-fraction", "lowrank-energy", "lowrank-fraction-and-energy", "lowrank-method",
+            "lowrank-asvd-alpha", "lowrank-start-step", "lowrank-data-aware-at-0", "lowrank-schedule", "lowrank-frequency",
+            "lowrank-end-step", "lowrank-targets-regex"),
+        ("LowRankConfig.resolve_end", "ValueError", 1): "lowrank-start-after-run",
+    },
+    "lowrank/factorize.py": {  # lowrank
+        ("LowRankLinear.__getattr__", "AttributeError", 1): "lowrank-qat-order",
+    },
+    "lowrank/lifecycle.py": {  # lowrank
+        ("LowRank._check_rank_rules", "ValueError", 1): "lowrank-ranks-no-layer",
+        ("LowRank._check_rank_rules", "ValueError", 2): "lowrank-rank-too-big",
+        ("convert", "ValueError", 1): "lowrank-convert-data-aware",
+    },
     "metrics.py": {
         ("evaluate_model", "ValueError", 1): R + "compression_report and the CLI check the task first (report-task, recipe-model-task).",
     },
     "modules.py": {
         ("_compile", "ValueError", 1): "prune-targets-regex",
-        ("select_modules", "ValueError", 1): ("prune-no-target", "qat-no-target"),
+        ("select_modules", "ValueError", 1): ("prune-no-target", "qat-no-target", "lowrank-no-target"),  # lowrank
         ("find_blocks", "ValueError", 1): R + "reached only after family() / student_from_teacher matched a transformer; it has a block list.",
         ("model_class_for", "ValueError", 1): "load-architectures",
     },
@@ -530,6 +552,7 @@ RAISES = {
         ("check_metadata", "ValueError", 6): "load-bad-metadata",
         ("check_metadata", "ValueError", 7): "load-bad-metadata",
         ("check_metadata", "ValueError", 8): "load-bad-metadata",
+        ("check_lowrank_record.bad", "ValueError", 1): "load-lowrank-record",  # lowrank
         ("check_checkpoint", "ValueError", 1): "load-weights-mismatch",
         ("check_checkpoint", "ValueError", 2): "load-bad-config",
     },

@@ -84,11 +84,22 @@ def main(argv=None):
               f"stock loadable {row['stock_loadable']}, {row['minutes']:.1f} min", flush=True)
         return row
 
-    rows = [run("dense (no pruning)", {}, False)] if a.dense else []
+    plan = [("dense (no pruning)", {}, False)] if a.dense else []
     for s in (0.5, 0.75):
-        rows.append(run(f"neurons {s:.0%} uniform", {"neurons": s}, True))
-        rows.append(run(f"neurons {s:.0%} non-uniform", {"neurons": s}, False))
-    rows.append(run("heads 50% + neurons 50% non-uniform", {"heads": 0.5, "neurons": 0.5}, False))
+        plan += [(f"neurons {s:.0%} uniform", {"neurons": s}, True), (f"neurons {s:.0%} non-uniform", {"neurons": s}, False)]
+    plan.append(("heads 50% + neurons 50% non-uniform", {"heads": 0.5, "neurons": 0.5}, False))
+    meta = {
+        "quick": a.quick, "sizes": sizes, "lr": LR, "batch": BATCH, "max_length": 64,
+        "init": "all-MiniLM-L6-v2 (packaged), not fine-tuned on SST-2; every run the same seed",
+        "schedule": {"kind": "cubic", "method": "taylor", "pruning_end_step": "70% of steps", "frequency": freq},
+        "note": f"short budget: one seed, {steps} steps of batch {BATCH} on {sizes['train']} rows; differences under "
+                "~1 point are within seed noise",
+    }
+    rows = []
+    for spec in plan:  # each finished run is written at once: a slow shared machine may not see the last one
+        rows.append(run(*spec))
+        if len(rows) < len(plan):
+            write("uniform", {**meta, "complete": False, "rows": rows}, a.out)
 
     by = {r["run"]: r for r in rows}
     pairs = {
@@ -106,13 +117,7 @@ def main(argv=None):
     for k, v in comparison.items():
         print(f"  {k}: uniform {v['uniform_accuracy']:.4f} vs non-uniform {v['non_uniform_accuracy']:.4f} "
               f"({v['difference_points']:+.2f} points; params {v['params_M'][0]:.4f}M vs {v['params_M'][1]:.4f}M)")
-    write("uniform", {
-        "quick": a.quick, "sizes": sizes, "lr": LR, "batch": BATCH, "max_length": 64,
-        "init": "all-MiniLM-L6-v2 (packaged), not fine-tuned on SST-2; every run the same seed",
-        "schedule": {"kind": "cubic", "method": "taylor", "pruning_end_step": "70% of steps", "frequency": freq},
-        "note": f"short budget: one seed, {steps} steps of batch {BATCH} on {sizes['train']} rows; differences under ~1 point are within seed noise",
-        "rows": rows, "comparison": comparison,
-    }, a.out)
+    write("uniform", {**meta, "complete": True, "rows": rows, "comparison": comparison}, a.out)
 
 
 if __name__ == "__main__":

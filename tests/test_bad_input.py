@@ -402,6 +402,70 @@ def _no_bnb():
         QATConfig(export="bnb-int8")
 
 
+
+# clustering / cross-layer sharing (issue 15 part 2)
+def _clustered_dir(tmp, edit_config=None, edit_tensors=None):
+    """A clustered tiny BERT saved to tmp/clustered; `edit_config(hf_compress section)` / `edit_tensors(dict)` tamper."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from hf_compress import ClusteringConfig
+    from hf_compress.clustering import convert
+
+    model = tiny_bert(layers=2)
+    convert(model, ClusteringConfig(clustering_bits=2))
+    out = tmp / "clustered"
+    model.save_pretrained(out)
+    if edit_config is not None:
+        cfg = json.loads((out / "config.json").read_text())
+        edit_config(cfg["hf_compress"])
+        (out / "config.json").write_text(json.dumps(cfg))
+    if edit_tensors is not None:
+        t = load_file(str(out / "model.safetensors"))
+        edit_tensors(t)
+        save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return load_pretrained(out)
+
+
+def _shared_dir(tmp, edit):
+    import json
+
+    from hf_compress import shared_student_from_teacher
+
+    out = tmp / "shared"
+    shared_student_from_teacher(tiny_bert(layers=2), group_size=2).save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    edit(cfg["hf_compress"])
+    (out / "config.json").write_text(json.dumps(cfg))
+    return load_pretrained(out)
+
+
+def _changed_after_convert(tmp):
+    from hf_compress import ClusteringConfig
+    from hf_compress.clustering import convert
+
+    model = tiny_bert(layers=1)
+    convert(model, ClusteringConfig(clustering_bits=2))
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight.add_(torch.randn(32, 64))
+    model.save_pretrained(tmp / "changed")
+
+
+def _distributed_clustering(tmp):
+    from hf_compress import ClusteringCallback
+
+    class TwoProcesses(TrainingArguments):
+        @property
+        def world_size(self):
+            return 2
+
+    a = TwoProcesses(output_dir=str(tmp), use_cpu=True, report_to=[], max_steps=2, per_device_train_batch_size=4,
+                     disable_tqdm=True, save_strategy="no")
+    Trainer(model=tiny_bert(), args=a, train_dataset=TokenDataset(8), callbacks=[ClusteringCallback()]).train()
+
+
+
 CASES = {
     "kd-temperature": (lambda t: DistillationConfig(temperature=0), ValueError, r"`temperature`=0.0 must be > 0"),
     "kd-alpha": (lambda t: DistillationConfig(alpha=1.5), ValueError, r"`alpha`=1.5 must be ≤ 1"),
@@ -719,6 +783,52 @@ CASES = {
     "load-base-type": (lambda t: auto_config(t, "nope"), ValueError, r"base_model_type is 'nope', not a model type"),
     "load-edited-structure": (lambda t: load_pretrained(saved_bert(t, lambda c: edited(c, hf_compress={"pruning": {"heads": [4]}}))),
                               ValueError, r"hf_compress.pruning.heads=\[4\] does not fit the architecture"),
+    # clustering (issue 15 part 2)
+    "clustering-bits": (lambda t: __import__('hf_compress').ClusteringConfig(clustering_bits=9), ValueError, r"clustering_bits=9: use an integer from 1 to 8"),
+    "clustering-group-size": (lambda t: __import__('hf_compress').ClusteringConfig(clustering_group_size=0), ValueError, r"clustering_group_size=0: use a positive number"),
+    "clustering-start-step": (lambda t: __import__('hf_compress').ClusteringConfig(clustering_start_step=-1), ValueError, r"clustering_start_step=-1: use an integer >= 0"),
+    "clustering-freeze-step": (lambda t: __import__('hf_compress').ClusteringConfig(clustering_start_step=5, clustering_freeze_step=2), ValueError,
+                               r"clustering_freeze_step=2: use an integer >= clustering_start_step=5"),
+    "clustering-refresh-interval": (lambda t: __import__('hf_compress').ClusteringConfig(refresh_interval=0), ValueError, r"refresh_interval=0: use a positive number"),
+    "clustering-init": (lambda t: __import__('hf_compress').ClusteringConfig(kmeans_init="random"), ValueError, r"kmeans_init='random': use one of"),
+    "clustering-iters": (lambda t: __import__('hf_compress').ClusteringConfig(kmeans_iters=0), ValueError, r"kmeans_iters=0: use an integer from 1 to 1000"),
+    "clustering-targets-regex": (lambda t: __import__('hf_compress').ClusteringConfig(clustering_targets=["(unclosed"]), ValueError,
+                                 r"clustering_targets=\['\(unclosed'\]: '\(unclosed' is not a valid regular expression"),
+    "clustering-config-and-kwargs": (lambda t: __import__('hf_compress').ClusteringCallback(__import__('hf_compress').ClusteringConfig(), clustering_bits=2), ValueError,
+                                     r"pass either a ClusteringConfig or keyword options, not both"),
+    "clustering-no-target": (lambda t: with_callback(t, __import__('hf_compress').ClusteringCallback(clustering_targets=["nothing_matches"])), ValueError,
+                             r"`clustering_targets`=\['nothing_matches'\].*matches no Linear module"),
+    "clustering-group-divides": (lambda t: with_callback(t, __import__('hf_compress').ClusteringCallback(clustering_group_size=24)), ValueError,
+                                 r"clustering_group_size=24 does not divide the output width 32 of .*\(e.g. 16\)"),
+    "clustering-too-few-weights": (lambda t: with_callback(t, __import__('hf_compress').ClusteringCallback(clustering_bits=8, clustering_group_size=1)), ValueError,
+                                   r"clustering_bits=8: .* has 32 weights per codebook, fewer than the 256 clusters"),
+    "clustering-start-after-run": (lambda t: with_callback(t, __import__('hf_compress').ClusteringCallback(clustering_start_step=8)), ValueError,
+                                   r"clustering_start_step=8 is at or after the last training step \(2\)"),
+    "clustering-distributed": (_distributed_clustering, ValueError, r"ClusteringCallback trains on one process \(world_size is 2\)"),
+    "fsdp2-clustering": (lambda t: sharded(t, "hf_compress.callbacks.clustering", __import__('hf_compress').ClusteringCallback()), ValueError,
+                         r"ClusteringCallback under FSDP2"),
+    "clustering-changed-after-convert": (_changed_after_convert, ValueError, r"more than 2\^2=4: the weight was changed after clustering"),
+    "load-clustering-record": (lambda t: _clustered_dir(t, lambda m: m["clustering"].update(version=7)), ValueError,
+                               r"clustering format version 7: upgrade hf_compress"),
+    "load-clustering-layer": (lambda t: _clustered_dir(t, lambda m: m["clustering"]["layers"].update({"bert.pooler.nope": {"bits": 2, "groups": 1}})),
+                              ValueError, r"clustered layer 'bert.pooler.nope' is not a Linear layer"),
+    "load-clustering-bits": (lambda t: _clustered_dir(t, lambda m: next(iter(m["clustering"]["layers"].values())).update(groups=5)),
+                             ValueError, r"it needs bits in 1..8 and a number of groups dividing its output width 32"),
+    "load-clustering-parts": (lambda t: _clustered_dir(t, edit_tensors=lambda d: d.update({k: v[:-1] for k, v in d.items() if k.endswith(".indices")})),
+                              ValueError, r"stored codebook .* indices .* do not fit 1 group\(s\) of 4 values"),
+    # cross-layer sharing (issue 15 part 2)
+    "sharing-group-size": (lambda t: __import__('hf_compress').shared_student_from_teacher(tiny_bert(layers=4), group_size=0), ValueError,
+                           r"group_size=0: use an integer from 1 to the teacher's 4 blocks"),
+    "sharing-groups": (lambda t: __import__('hf_compress').shared_student_from_teacher(tiny_bert(layers=4), groups=[[0, 1], [3, 2]]), ValueError, r"list every block 0..3 once, in order"),
+    "sharing-teacher-type": (lambda t: __import__('hf_compress').shared_student_from_teacher(torch.nn.Linear(2, 2)), ValueError, r"needs a transformers model \(with .config\)"),
+    "sharing-compressed-teacher": (lambda t: __import__('hf_compress').shared_student_from_teacher(__import__('hf_compress').shared_student_from_teacher(tiny_bert(layers=2))), ValueError, r"the teacher is already compressed \(\['sharing'\]\)"),
+    "sharing-init": (lambda t: __import__('hf_compress').shared_student_from_teacher(tiny_bert(layers=4), init="median"), ValueError, r"init='median': use one of"),
+    "sharing-init-index": (lambda t: __import__('hf_compress').shared_student_from_teacher(tiny_bert(layers=4), group_size=3, init=2), ValueError, r"init=2: outside the smallest group"),
+    "load-sharing-record": (lambda t: _shared_dir(t, lambda m: m.update(sharing=[1])), ValueError, r"is not a sharing record"),
+    "load-sharing-blocks": (lambda t: _shared_dir(t, lambda m: m["sharing"].update(blocks="bert.nowhere")), ValueError,
+                            r"sharing.blocks='bert.nowhere' is not the block list"),
+    "load-sharing-groups": (lambda t: _shared_dir(t, lambda m: m["sharing"].update(groups=[[0, 1, 2]])), ValueError,
+                            r"must list every block 0..1 once, in order"),
 }
 
 

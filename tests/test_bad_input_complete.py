@@ -155,6 +155,13 @@ RAISES = {
         ("LowRankCallback.on_init_end", "ValueError", 1): "lowrank-distributed",
         ("LowRankCallback.on_train_begin", "ValueError", 1): "resume-run-length",
     },
+    "callbacks/clustering.py": {
+        ("ClusteringCallback.__init__", "ValueError", 1): "clustering-config-and-kwargs",
+        ("ClusteringCallback._restore", "ValueError", 1): "clustering-resume-damaged",
+        ("ClusteringCallback._check_start", "ValueError", 1): "clustering-start-after-run",
+        ("ClusteringCallback.on_train_begin", "ValueError", 1): "clustering-distributed",
+        ("ClusteringCallback.on_train_begin", "ValueError", 2): "fsdp2-clustering",
+    },
     "callbacks/pruning.py": {
         ("PruningCallback.__init__", "ValueError", 1): "callback-config-and-kwargs",
         ("PruningCallback.on_train_begin", "ValueError", 1): "fsdp2-remove-pruned",
@@ -289,6 +296,31 @@ RAISES = {
         ("cache_teacher_logits", "ValueError", 1): R + "`datasets` is a declared dependency (pragma: no cover).",
         ("cache_teacher_logits", "ValueError", 2): "cache-dataset-type",
         ("cache_teacher_logits", "ValueError", 3): "cache-k",
+    "clustering/__init__.py": {
+        ("build_plan", "ValueError", 1): "clustering-group-divides",
+        ("build_plan", "ValueError", 2): "clustering-too-few-weights",
+        ("_refuse_sharded", "ValueError", 1): "fsdp2-clustering",
+        ("check_clustering_record", "ValueError", 1): "load-clustering-record",
+        ("check_clustering_record", "ValueError", 2): "load-clustering-record",
+        ("check_clustering_record", "ValueError", 3): "load-clustering-layer",
+        ("check_clustering_record", "ValueError", 4): "load-clustering-bits",
+        ("check_clustering_record", "ValueError", 5): "load-clustering-parts",
+    },
+    "clustering/config.py": {
+        ("ClusteringConfig.__post_init__.bad", "ValueError", 1): (
+            "clustering-bits", "clustering-group-size", "clustering-start-step", "clustering-freeze-step",
+            "clustering-refresh-interval", "clustering-init", "clustering-iters", "clustering-targets-regex"),
+    },
+    "clustering/kmeans.py": {
+        ("pack", "ValueError", 1): R + "encode packs the inverse indices of torch.unique, always < 2^bits (encode refuses more values first).",
+        ("unpack", "ValueError", 1): R + "decode checks the packed length before unpacking.",
+    },
+    "clustering/layers.py": {
+        ("encode", "ValueError", 1): "clustering-changed-after-convert",
+        ("decode", "ValueError", 1): R + "every load path checks the codebook shapes in the headers first (check_clustering_record).",
+        ("decode", "ValueError", 2): R + "every load path checks the packed indices' length in the headers first (check_clustering_record).",
+        ("_export_load_hook", "ValueError", 1): R + "a directory with one part only is refused before (the weight is missing for check_checkpoint).",
+    },
         ("cache_teacher_logits", "ValueError", 4): "cache-batch-size",
         ("cache_teacher_logits", "ValueError", 5): "cache-no-input-ids",
         ("cache_teacher_logits", "ValueError", 6): "cache-left-padding",
@@ -323,6 +355,17 @@ RAISES = {
         ("_num_layers", "ValueError", 1): "student-no-layers",
         ("student_from_teacher", "ValueError", 1): "student-teacher-type",
         ("student_from_teacher", "ValueError", 2): "student-compressed-teacher",
+    "distillation/sharing.py": {
+        ("_groups", "ValueError", 1): "sharing-group-size",
+        ("_groups", "ValueError", 2): "sharing-groups",
+        ("shared_student_from_teacher", "ValueError", 1): "sharing-teacher-type",
+        ("shared_student_from_teacher", "ValueError", 2): "sharing-compressed-teacher",
+        ("shared_student_from_teacher", "ValueError", 3): "sharing-init",
+        ("shared_student_from_teacher", "ValueError", 4): "sharing-init-index",
+        ("check_sharing_record", "ValueError", 1): "load-sharing-record",
+        ("check_sharing_record", "ValueError", 2): "load-sharing-blocks",
+        ("check_sharing_record", "ValueError", 3): "load-sharing-groups",
+    },
         ("student_from_teacher", "ValueError", 3): "student-layers-empty",
         ("student_from_teacher", "ValueError", 4): "student-layers-range",
         ("student_from_teacher", "ValueError", 5): "student-layers-repeat",
@@ -369,7 +412,7 @@ RAISES = {
     },
     "modules.py": {
         ("_compile", "ValueError", 1): "prune-targets-regex",
-        ("select_modules", "ValueError", 1): ("prune-no-target", "qat-no-target", "lowrank-no-target"),  # lowrank
+        ("select_modules", "ValueError", 1): ("prune-no-target", "qat-no-target", "clustering-no-target", "lowrank-no-target"),  # lowrank
         ("find_blocks", "ValueError", 1): R + "reached only after family() / student_from_teacher matched a transformer; it has a block list.",
         ("model_class_for", "ValueError", 1): "load-architectures",
     },

@@ -203,3 +203,13 @@ def test_demo_recipe_on_the_real_minilm_small(tmp_path, capsys):
     model = load_pretrained(tmp_path / "model")
     assert model.config.num_hidden_layers == 3
     assert sum(type(m).__name__ == "Int8Linear" for m in model.modules()) == 3 * 6
+
+
+def test_overrides_after_an_option_are_overrides(tmp_path, sentiment, capsys):
+    """`hf-compress run R --dry-run training.max_steps=3` (argparse alone stopped the overrides at the option)."""
+    path = classification_recipe(tmp_path, sentiment)
+    assert main(["run", str(path), "--dry-run", "training.max_steps=3", "seed=7"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 3" in out and "seed: 7" in out
+    with pytest.raises(SystemExit):
+        main(["run", str(path), "--dry-run", "--no-such-flag"])

@@ -350,3 +350,15 @@ def test_one_argument_parser_takes_lowrank_config_with_the_others():
     *_, c = parser.parse_args_into_dataclasses(["--output_dir", "x", "--lowrank_ranks", '{"query": 4}',
                                                 "--lowrank_energy", "0.9", "--lowrank_targets", "query", "key"])
     assert c.lowrank_ranks == {"query": 4} and c.lowrank_energy == 0.9 and c.lowrank_targets == ["query", "key"]
+
+
+def test_example_runs_on_tiny_settings(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "lowrank_text_classification.py"
+    spec = importlib.util.spec_from_file_location("lowrank_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--tiny", "--output-dir", str(tmp_path)])
+    assert out["params"] < out["dense_params"] and out["reloaded_accuracy"] == out["accuracy"]

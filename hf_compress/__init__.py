@@ -27,6 +27,10 @@ _EXPORTS = {
     "report_to_integrations": "hf_compress.callbacks._logs",
     "LowRankCallback": "hf_compress.callbacks.lowrank",  # lowrank
     "LowRankConfig": "hf_compress.lowrank.config",  # lowrank
+    "analyze_sensitivity": "hf_compress.sensitivity.analysis",  # sensitivity
+    "plan_budget": "hf_compress.sensitivity.budget",  # sensitivity
+    "SensitivityConfig": "hf_compress.sensitivity.config",  # sensitivity
+    "BudgetConfig": "hf_compress.sensitivity.config",  # sensitivity
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -910,6 +910,59 @@ LOWRANK_CASES = {  # lowrank
 CASES.update(LOWRANK_CASES)  # lowrank
 
 
+# sensitivity (issue 15 part 3): SensitivityConfig / BudgetConfig / plan_budget / PruningConfig.layer_sparsity / hf-compress analyze
+from hf_compress.sensitivity import (BudgetConfig, SensitivityConfig, SensitivityTable, analyze_sensitivity,  # noqa: E402  # sensitivity
+                                     fragment_configs, plan_budget)
+
+
+def _sens_table():  # sensitivity: one 8x8 layer analysed at 50% sparsity
+    return SensitivityTable({"loss": 1.0}, [{"name": "l0", "in": 8, "out": 8, "bias": True}], ["prune:0.5"], {"l0": {"prune:0.5": 1.1}})
+
+
+SENSITIVITY_CASES = {  # sensitivity
+    "prune-layer-sparsity-text": (lambda t: PruningConfig(layer_sparsity='{"query": '), ValueError,
+                                  r"layer_sparsity='\{\"query\":': write 'regex=sparsity,...' or a JSON object"),
+    "prune-layer-sparsity-type": (lambda t: PruningConfig(layer_sparsity=[0.5]), ValueError, r"layer_sparsity=\[0.5\]: use a non-empty dict"),
+    "prune-layer-sparsity-granularity": (lambda t: PruningConfig(granularity="heads", layer_sparsity={"query": 0.5}), ValueError,
+                                         r"layer_sparsity applies to granularity='unstructured', not 'heads'"),
+    "prune-layer-sparsity-target": (lambda t: PruningConfig(target_sparsity=0.0, layer_sparsity={"query": 0.5}), ValueError,
+                                    r"layer_sparsity needs target_sparsity > 0"),
+    "prune-layer-sparsity-regex": (lambda t: PruningConfig(layer_sparsity={"(": 0.5}), ValueError, r"'\(' is not a valid regular expression"),
+    "prune-layer-sparsity-value": (lambda t: PruningConfig(layer_sparsity={"query": 1.0}), ValueError,
+                                   r"sparsity 1.0 for 'query' must be a number in \[0, 1\)"),
+    "prune-layer-sparsity-no-layer": (lambda t: with_callback(t, PruningCallback(PruningConfig(layer_sparsity={"querry": 0.5}))), ValueError,
+                                      r"layer_sparsity: \['querry'\] match no targeted layer of BertForSequenceClassification"),
+    "analyze-budget-flags": (lambda t: cli(t, "analyze", str(t / "r.yaml"), "--budget-metric", "bytes"), ValueError,
+                             r"--budget-metric / --budget-axes need a budget: add --budget-fraction F or --budget-value V"),
+    "sensitivity-eval-source": (lambda t: analyze_sensitivity(tiny_bert()), ValueError, r"pass either eval_fn \(model -> loss\) or dataset"),
+    "sensitivity-eval-fn-dict": (lambda t: analyze_sensitivity(tiny_bert(), lambda m: {"acc": 1.0}), ValueError,
+                                 r"eval_fn returned \['acc'\]: it must return the loss"),
+    "sensitivity-no-target": (lambda t: analyze_sensitivity(tiny_bert(), lambda m: 0.0, settings=SensitivityConfig(sensitivity_targets=["nothing"])),
+                              ValueError, r"`sensitivity_targets`=\['nothing'\].*matches no Linear module"),
+    "sensitivity-axes": (lambda t: SensitivityConfig(sensitivity_axes=["distillation"]), ValueError,
+                         r"sensitivity_axes=\['distillation'\]: use a non-empty list from"),
+    "sensitivity-sparsities": (lambda t: SensitivityConfig(sparsities=[1.0]), ValueError, r"sparsities=\[1.0\]: give a non-empty list, each a number in \(0, 1\)"),
+    "sensitivity-bits": (lambda t: SensitivityConfig(bits=[16]), ValueError, r"bits=\[16\]: give a non-empty list, each an integer from 2 to 8"),
+    "sensitivity-rank-fractions": (lambda t: SensitivityConfig(rank_fractions=[0]), ValueError, r"rank_fractions=\[0\]: give a non-empty list, each a number in \(0, 1\]"),
+    "sensitivity-targets-regex": (lambda t: SensitivityConfig(sensitivity_targets=["("]), ValueError, r"'\(' is not a valid regular expression"),
+    "sensitivity-samples": (lambda t: SensitivityConfig(samples=0), ValueError, r"samples=0: use an integer >= 1"),
+    "budget-metric": (lambda t: BudgetConfig(budget_metric="flops", budget_fraction=0.5), ValueError, r"budget_metric='flops': use one of"),
+    "budget-one-of": (lambda t: BudgetConfig(), ValueError, r"give exactly one of budget_fraction .* or budget_value"),
+    "budget-fraction": (lambda t: BudgetConfig(budget_fraction=1.5), ValueError, r"budget_fraction=1.5: use a number in \(0, 1\]"),
+    "budget-value": (lambda t: BudgetConfig(budget_value=-3), ValueError, r"budget_value=-3: use a positive number"),
+    "budget-axes": (lambda t: BudgetConfig(budget_fraction=0.5, budget_axes=["heads"]), ValueError, r"budget_axes=\['heads'\]: use a non-empty list from"),
+    "budget-resolution": (lambda t: BudgetConfig(budget_fraction=0.5, resolution=1), ValueError, r"resolution=1: use an integer >= 10"),
+    "budget-axes-not-analysed": (lambda t: plan_budget(_sens_table(), BudgetConfig(budget_fraction=0.5, budget_axes=["lowrank"])), ValueError,
+                                 r"\['lowrank'\] were not analysed \(the table has \['pruning'\]\)"),
+    "budget-latency-model": (lambda t: plan_budget(_sens_table(), BudgetConfig(budget_metric="latency", budget_fraction=0.5)), ValueError,
+                             r"budget_metric='latency' measures the layers: pass model= to plan_budget"),
+    "budget-unreachable": (lambda t: plan_budget(_sens_table(), BudgetConfig(budget_fraction=0.25)), ValueError,
+                           r"budget 16 parameters \(parameters, 0.25 of the dense 64\) cannot be met: .* reach 32 parameters at the smallest"),
+    "fragment-sections": (lambda t: fragment_configs({"prune": {}}), ValueError, r"fragment sections \['prune'\]: expected some of"),
+}
+CASES.update(SENSITIVITY_CASES)  # sensitivity
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input(case, tmp_path):
     fn, exc, pattern = CASES[case]

@@ -187,6 +187,9 @@ RAISES = {
         ("main", "raise", 1): R + "HF_COMPRESS_DEBUG re-raises the error main would print (the rows above), with its traceback.",
         ("<module>", "SystemExit", 1): R + "`python -m hf_compress.cli` exits with main()'s status; not an error.",
     },
+    "cli/analyze.py": {  # sensitivity
+        ("_configs", "ValueError", 1): "analyze-budget-flags",
+    },
     "cli/checks.py": {
         ("check_config_keys", "ValueError", 1): "dry-config-on-saved-model",
         ("check_config_keys", "ValueError", 2): "dry-model-config-key",
@@ -412,7 +415,8 @@ RAISES = {
     },
     "modules.py": {
         ("_compile", "ValueError", 1): "prune-targets-regex",
-        ("select_modules", "ValueError", 1): ("prune-no-target", "qat-no-target", "clustering-no-target", "lowrank-no-target"),  # lowrank
+        ("select_modules", "ValueError", 1): ("prune-no-target", "qat-no-target", "clustering-no-target", "lowrank-no-target",  # lowrank
+                                              "sensitivity-no-target"),  # sensitivity
         ("find_blocks", "ValueError", 1): R + "reached only after family() / student_from_teacher matched a transformer; it has a block list.",
         ("model_class_for", "ValueError", 1): "load-architectures",
     },
@@ -444,9 +448,16 @@ RAISES = {
         ("PruningConfig.__post_init__", "ValueError", 15): "prune-uniform-granularity",
         ("PruningConfig.resolve_end", "ValueError", 1): "prune-end-after-run",
         ("PruningConfig.resolve_end", "ValueError", 2): "prune-rewind-end",
+        ("PruningConfig._check_layer_sparsity", "ValueError", 1): "prune-layer-sparsity-text",  # sensitivity
+        ("PruningConfig._check_layer_sparsity", "ValueError", 2): "prune-layer-sparsity-type",  # sensitivity
+        ("PruningConfig._check_layer_sparsity", "ValueError", 3): "prune-layer-sparsity-granularity",  # sensitivity
+        ("PruningConfig._check_layer_sparsity", "ValueError", 4): "prune-layer-sparsity-target",  # sensitivity
+        ("PruningConfig._check_layer_sparsity", "ValueError", 5): "prune-layer-sparsity-regex",  # sensitivity
+        ("PruningConfig._check_layer_sparsity", "ValueError", 6): "prune-layer-sparsity-value",  # sensitivity
     },
     "pruning/lifecycle.py": {
         ("convert", "ValueError", 1): "fsdp2-remove-pruned",
+        ("prepare", "ValueError", 1): "prune-layer-sparsity-no-layer",  # sensitivity
     },
     "pruning/lora.py": {
         ("merge_lora", "ValueError", 1): "merge-lora-not-peft",
@@ -465,6 +476,7 @@ RAISES = {
         ("Pruner.__init__", "ValueError", 4): "dry-nm-divisible",
         ("Pruner.check_target", "ValueError", 1): "prune-local-too-many",
         ("Pruner.check_target", "ValueError", 2): "prune-too-many-units",
+        ("Pruner.set_layer_sparsity", "ValueError", 1): R + "prepare passes one entry per targeted module, and PruningConfig refuses layer_sparsity with other granularities (prune-layer-sparsity-granularity).",  # sensitivity
         ("Pruner.load_state_dict", "ValueError", 1): R + "check_state_tensors refuses a state missing tensors first (resume-state-damaged).",
     },
     "pruning/schedules.py": {
@@ -551,6 +563,24 @@ RAISES = {
         ("ReportConfig.__post_init__", "ValueError", 3): "report-warmup",
         ("compression_report", "ValueError", 1): "report-no-models",
         ("compression_report", "ValueError", 2): "report-task",
+    },
+    "sensitivity/analysis.py": {  # sensitivity
+        ("parse_setting", "ValueError", 1): R + "settings come from settings_for(SensitivityConfig), which writes only prune: / bits: / rank:.",
+        ("_as_scores", "ValueError", 1): "sensitivity-eval-fn-dict",
+        ("analyze_sensitivity", "ValueError", 1): "sensitivity-eval-source",
+    },
+    "sensitivity/budget.py": {  # sensitivity
+        ("option_cost", "ValueError", 1): R + "plan_budget measures the latencies (or refuses, budget-latency-model) before any cost is read.",
+        ("plan_budget", "ValueError", 1): "budget-axes-not-analysed",
+        ("plan_budget", "ValueError", 2): "budget-latency-model",
+        ("plan_budget", "ValueError", 3): "budget-unreachable",
+        ("fragment_configs", "ValueError", 1): "fragment-sections",
+    },
+    "sensitivity/config.py": {  # sensitivity
+        ("SensitivityConfig.__post_init__.bad", "ValueError", 1): ("sensitivity-axes", "sensitivity-sparsities", "sensitivity-bits",
+                                                                    "sensitivity-rank-fractions", "sensitivity-targets-regex", "sensitivity-samples"),
+        ("BudgetConfig.__post_init__.bad", "ValueError", 1): ("budget-metric", "budget-one-of", "budget-fraction", "budget-value",
+                                                               "budget-axes", "budget-resolution"),
     },
     "storage.py": {
         ("compress", "ValueError", 1): R + "the save hook and _candidates pass 2-D weights only.",

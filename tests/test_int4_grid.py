@@ -252,3 +252,27 @@ def test_export_convert_matches_fake_quant_with_full_range():
     insert_fake_quant(model, plan)
     meta = convert(model, plan=plan, export="torch-int8")
     assert all(d["weight"]["weight_range"] == "full" for d in meta["layers"].values())
+
+
+@pytest.mark.parametrize("grid", ["restricted", "full"])
+def test_static_ptq_kept_layers_do_not_requantise_the_baked_weight(tmp_path, grid):
+    """PTQ with activation_bits (export=None) keeps the layers quantising their inputs; their weights are
+    baked once: 'full' is not a fixed point of re-quantisation (a group's 8·S becomes the next max)."""
+    model = tiny_bert(hidden=64, ffn=128)
+    cfg = QATConfig(weight_bits=4, group_size=32, weight_range=grid, activation_bits=8, observer="minmax")
+    plan = build_plan(model, cfg)
+    want = {n: fake_quantize_weight(model.get_submodule(n).weight.detach(), lp.weight) for n, lp in plan.items()}
+    x = _inputs()
+    quantize_model(model, cfg, calib_dataloader=[x], num_batches=1)
+    for n, w in want.items():
+        layer = model.get_submodule(n)
+        assert torch.equal(layer.weight.detach(), w) and torch.equal(layer.quantized_weight().detach(), w)
+    model.eval()
+    with torch.no_grad():
+        out = model(**x).logits
+    model.save_pretrained(tmp_path)
+    back = load_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(back(**x).logits, out)
+    changed = fake_quantize_weight(w, plan[n].weight)  # what re-quantising a baked weight would give
+    assert torch.equal(changed, w) == (grid == "restricted")

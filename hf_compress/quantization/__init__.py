@@ -127,8 +127,11 @@ def convert(
                 obs.observing = False
             entry["input_quant"] = "dynamic" if dynamic else [float(obs.lo), float(obs.hi)]
         if backend is None:
-            with torch.no_grad():
-                m.weight.copy_(fake_quantize_weight(m.weight.detach(), lp.weight, axis))
+            if not getattr(m, "hfc_weight_on_grid", False):
+                with torch.no_grad():
+                    m.weight.copy_(fake_quantize_weight(m.weight.detach(), lp.weight, axis))
+            if keep:  # its forward must not quantise the baked weight again (weight_range="full": not a fixed point)
+                m.hfc_weight_on_grid = True
         else:
             replace_module(model, name, backend.convert(m, lp.weight, axis).train(m.training))
         layers[name] = {**lp.to_dict(), **entry}
@@ -154,6 +157,8 @@ def rebuild_quantized(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
         kept = {n: d for n, d in meta["layers"].items() if d.get("input_quant")}
         if kept:
             insert_fake_quant(model, {n: LayerPlan.from_dict(d) for n, d in kept.items()})
+            for name in kept:  # the saved weights are the baked ones
+                model.get_submodule(name).hfc_weight_on_grid = True
             for name, d in kept.items():
                 if d["input_quant"] != "dynamic":
                     lo, hi = d["input_quant"]

@@ -48,6 +48,8 @@ class FakeQuantMixin:
         return fake_quantize(x, scale, zero, act.qmin, act.qmax)
 
     def quantized_weight(self) -> torch.Tensor:
+        if getattr(self, "hfc_weight_on_grid", False):  # baked by convert (a PTQ layer kept for its inputs):
+            return self.weight  # quantised once; weight_range="full" is not a fixed point of re-quantisation
         return fake_quantize_weight(self.weight, self.hfc_plan.weight, self.hfc_axis)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +105,7 @@ def restore_layer(m: nn.Module) -> None:
     if getattr(m, "input_observer", None) is not None:
         del m.input_observer
     m.__class__ = m.hfc_base
-    for attr in ("hfc_plan", "hfc_axis"):
+    for attr in ("hfc_plan", "hfc_axis", "hfc_weight_on_grid"):
         m.__dict__.pop(attr, None)
 
 

@@ -521,7 +521,8 @@ RAISES = {
     },
     "quantization/backends/bnb.py": {
         ("Bnb.check", "ValueError", 1): "qat-export-nf4-backend",
-        ("Bnb.check", "ValueError", 2): "qat-export-scheme-bnb",
+        ("Bnb.check", "ValueError", 2): "qat-export-weight-range-bnb",
+        ("Bnb.check", "ValueError", 3): "qat-export-scheme-bnb",
     },
     "quantization/backends/torch_int8.py": {
         ("TorchInt8.check", "ValueError", 1): "qat-export-scheme",
@@ -532,17 +533,21 @@ RAISES = {
         ("QATConfig.__post_init__.bad", "ValueError", 1): (
             "qat-export", "qat-bits", "qat-activation-bits", "qat-weight-format", "qat-layer-bits-regex", "qat-layer-bits-bits",
             "qat-group-size", "qat-group-size-8bit", "qat-nf4-bits", "qat-nf4-group-size", "qat-nf4-symmetric", "qat-observer",
-            "qat-percentile", "qat-averaging", "qat-start-step", "qat-freeze-step", "qat-targets-regex", "qat-export-unavailable"),
-        ("QATConfig.__post_init__", "ValueError", 1): ("qat-export-scheme", "qat-export-scheme-bnb", "qat-export-nf4-backend"),
+            "qat-percentile", "qat-averaging", "qat-start-step", "qat-freeze-step", "qat-targets-regex", "qat-export-unavailable",
+            "qat-weight-range"),
+        ("QATConfig.__post_init__", "ValueError", 1): ("qat-export-scheme", "qat-export-scheme-bnb", "qat-export-nf4-backend",
+                                                       "qat-export-weight-range-bnb"),
     },
     "quantization/fake_quant.py": {
         ("insert_fake_quant", "ValueError", 1): R + "the plan is built from the same model's modules (build_plan / QATCallback).",
     },
     "quantization/numerics.py": {
         ("QScheme.__post_init__", "ValueError", 1): R + "QATConfig refuses another weight_format first (qat-weight-format).",
-        ("QScheme.__post_init__", "ValueError", 2): R + "QATConfig refuses unsupported bits first (qat-bits, qat-layer-bits-bits).",
-        ("QScheme.__post_init__", "ValueError", 3): R + "QATConfig refuses a bad group_size first (qat-group-size).",
-        ("QScheme.__post_init__", "ValueError", 4): R + "QATConfig refuses NF4 with other bits / groups / asymmetry first (qat-nf4-*).",
+        ("QScheme.__post_init__", "ValueError", 2): R + "QATConfig refuses an unknown weight_range first (qat-weight-range).",
+        ("QScheme.__post_init__", "ValueError", 3): R + "QATConfig refuses unsupported bits first (qat-bits, qat-layer-bits-bits).",
+        ("QScheme.__post_init__", "ValueError", 4): R + "QATConfig refuses a bad group_size first (qat-group-size).",
+        ("QScheme.__post_init__", "ValueError", 5): R + "QATConfig refuses NF4 with other bits / groups / asymmetry first (qat-nf4-*).",
+        ("int_range", "ValueError", 1): R + "QATConfig / QScheme refuse an unknown weight_range first (qat-weight-range); guard for direct calls.",
         ("QScheme.check_width", "ValueError", 1): "dry-group-size",
         ("fake_quantize", "ValueError", 1): R + "activation quantisers always pass one scale; weights use fake_quantize_weight.",
     },

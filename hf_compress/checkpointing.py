@@ -19,6 +19,7 @@ message (never restarts the masks from scratch while the logs claim otherwise).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
@@ -99,10 +100,28 @@ def find_resume_dir(args, state, name: str | None = None) -> str | None:
     return next((c for c in candidates if os.path.isdir(c)), None)
 
 
+def _config_dict(config) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(the config as a dict, its fields' defaults); a plain dict has no defaults."""
+    if config is None or isinstance(config, dict):
+        return config, {}
+    defaults = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
+    return as_dict, {k: v for k, v in defaults.items() if k in as_dict}
+
+
 def load_state(
-    ckpt: str, name: str, config: dict[str, Any] | None = None, device: torch.device | str = "cpu"
+    ckpt: str, name: str, config=None, device: torch.device | str = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read one callback's state; refuse when it was written with a different compression config."""
+    """Read one callback's state; refuse when it was written with a different compression config.
+
+    `config`: the config dataclass (or its dict). A field the checkpoint does not know (added to the config
+    after it was written) counts as unchanged when it has its default value, which keeps the old behaviour."""
+    config, defaults = _config_dict(config)
     from safetensors.torch import load_file
 
     folder = os.path.join(ckpt, SUBDIR)
@@ -115,12 +134,14 @@ def load_state(
         )
     with open(meta_path) as f:
         meta = json.load(f)
-    if config is not None and meta.get("config") != config:
-        diff = {
-            k: (meta.get("config", {}).get(k), v)
-            for k, v in config.items()
-            if meta.get("config", {}).get(k) != v
-        }
+    saved = meta.get("config") or {}
+    diff = {} if config is None else {
+        k: (saved.get(k), v)
+        for k, v in config.items()
+        if (saved.get(k) != v if k in saved else not (k in defaults and _same(defaults[k], v)))
+    }
+    if config is not None and (diff or set(saved) - set(config)):
+        diff.update({k: (saved[k], None) for k in set(saved) - set(config)})
         raise ValueError(
             f"Resuming from {ckpt} with a different {name} config than the checkpoint was written with: "
             f"{{field: (checkpoint, now)}} = {diff}. Use the checkpoint's settings, or start a fresh run."
@@ -158,6 +179,12 @@ def check_state_tensors(
                 "(a run never saves non-finite masks, scores or observer ranges). Resume from an earlier checkpoint, "
                 "or start a fresh run."
             )
+
+
+def _same(default, value) -> bool:
+    """A default compared with a config dict's value (to_dict turns tuples into lists)."""
+    norm = lambda x: list(x) if isinstance(x, tuple) else x  # noqa: E731
+    return norm(default) == norm(value)
 
 
 def fingerprint(weights) -> float:
@@ -280,7 +307,7 @@ class StatefulCallback(TrainerCallback):
             self._clean_staging(args)
 
     # reading back
-    def read_resume_state(self, args, state, config: dict | None, device="cpu"):
+    def read_resume_state(self, args, state, config, device="cpu"):
         """(tensors, meta, folder) of the checkpoint this run resumes from; None for a fresh run.
 
         Refuses when the run resumes (global_step > 0) but no state of this callback is found, or the one

@@ -119,3 +119,21 @@ def test_checkpoint_state_is_validated_before_it_is_loaded(tmp_path, what, edit,
     _tamper(path, edit)
     with pytest.raises(ValueError, match=message):
         run(tmp_path, resume=str(tmp_path / "checkpoint-4"))
+
+
+def test_checkpoint_from_before_a_new_config_field_resumes_when_the_field_has_its_default(tmp_path):
+    """A field added to a config after a checkpoint was written: its default keeps the old behaviour, so the
+    resume is accepted; a non-default value is a different config and refused."""
+    import json
+
+    run(tmp_path, stop=4)
+    path = tmp_path / "checkpoint-4" / "hf_compress" / "pruning_unstructured.json"
+    meta = json.loads(path.read_text())
+    del meta["config"]["uniform"]      # default False: as if written before the field existed
+    del meta["config"]["frequency"]    # the run uses frequency=1, not the default
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"'frequency': \(None, 1\)"):
+        run(tmp_path, resume=str(tmp_path / "checkpoint-4"))
+    meta["config"]["frequency"] = 1
+    path.write_text(json.dumps(meta))
+    run(tmp_path, resume=str(tmp_path / "checkpoint-4"))  # only `uniform` is missing, at its default: accepted

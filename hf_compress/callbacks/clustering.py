@@ -152,7 +152,7 @@ class ClusteringCallback(LogsForIntegrations, StatefulCallback):
             raise ValueError("ClusteringCallback under FSDP2: clustering needs the full weights; train on one process.")
         self.optimizer, self.result = optimizer, None
         self.active = self.frozen = False
-        resumed = self.read_resume_state(args, state, self.config.to_dict())
+        resumed = self.read_resume_state(args, state, self.config)
         if resumed is not None and resumed[1].get("active"):
             self._restore(resumed[0], resumed[1], resumed[2], state.global_step)
         elif state.global_step >= self.config.clustering_start_step:
@@ -194,7 +194,7 @@ class ClusteringCallback(LogsForIntegrations, StatefulCallback):
             return
         best = best_checkpoint(args, state)
         if best is not None:  # the Trainer reloaded the best checkpoint's weights: its clusters come back too
-            tensors, meta = load_state(best, self.name, config=self.config.to_dict())
+            tensors, meta = load_state(best, self.name, config=self.config)
             self.optimizer = None  # training is over
             if meta.get("active"):
                 self._restore(tensors, meta, best, state.global_step)

@@ -114,7 +114,7 @@ class LowRankCallback(LogsForIntegrations, StatefulCallback):
         lr = self._prepare(model)
         self.end = self._end(state.max_steps)
         self.result = None
-        resumed = self.read_resume_state(args, state, c.to_dict())
+        resumed = self.read_resume_state(args, state, c)
         if resumed is not None:
             tensors, meta, ckpt = resumed
             if meta.get("end_step") not in (None, self.end):
@@ -166,7 +166,7 @@ class LowRankCallback(LogsForIntegrations, StatefulCallback):
         lr.stop_statistics()
         best = best_checkpoint(args, state)
         if best is not None:  # the Trainer reloaded the best checkpoint (the load hook gave the layers its shapes)
-            tensors, meta = load_state(best, self.name, config=self.config.to_dict())
+            tensors, meta = load_state(best, self.name, config=self.config)
             self.check_fingerprint(best, meta)
             if meta.get("final") is not None:
                 lr.final = dict(meta["final"])

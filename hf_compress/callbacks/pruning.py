@@ -108,7 +108,7 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
                 "docs/architecture.md)."
             )
         self.end = c.resolve_end(state.max_steps)
-        resumed = self.read_resume_state(args, state, c.to_dict())
+        resumed = self.read_resume_state(args, state, c)
         if resumed is not None:
             tensors, meta, ckpt = resumed
             if meta.get("end_step") not in (None, self.end):
@@ -180,7 +180,7 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
             return
         best = best_checkpoint(args, state)
         if best is not None:  # the Trainer reloaded the best checkpoint's weights: its masks come back too
-            tensors, meta = load_state(best, self.name, config=self.config.to_dict())
+            tensors, meta = load_state(best, self.name, config=self.config)
             self.check_fingerprint(best, meta)
             self.validate_state(best, tensors)
             self._load(tensors)

@@ -122,7 +122,7 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
                 "sharded model and convert a gathered copy (hf_compress.sharding.full_state_dict; docs/architecture.md)."
             )
         self.result, self.active = None, bool(fake_quant_layers(model))
-        resumed = self.read_resume_state(args, state, self.config.to_dict())
+        resumed = self.read_resume_state(args, state, self.config)
         if state.global_step >= self.config.qat_start_step:
             self._activate(model, state.global_step)
         if resumed is not None:
@@ -191,7 +191,7 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
         model = unwrap(model) if model is not None else self.model
         best = best_checkpoint(args, state)
         if best is not None:  # the Trainer reloaded the best checkpoint's weights: its observer ranges come back too
-            tensors, meta = load_state(best, self.name, config=self.config.to_dict())
+            tensors, meta = load_state(best, self.name, config=self.config)
             self.check_fingerprint(best, meta)
             self._load_observers(model, tensors, meta, best)
         self.result = convert(model, self.config, plan=self.plan)

@@ -469,6 +469,7 @@ def _distributed_clustering(tmp):
 CASES = {
     "kd-temperature": (lambda t: DistillationConfig(temperature=0), ValueError, r"`temperature`=0.0 must be > 0"),
     "kd-alpha": (lambda t: DistillationConfig(alpha=1.5), ValueError, r"`alpha`=1.5 must be ≤ 1"),
+    "kd-count": (lambda t: DistillationConfig(kd_chunk_size=-1), ValueError, r"`kd_chunk_size`=-1 must be an integer ≥ 0"),
     "kd-kd_loss": (lambda t: DistillationConfig(kd_loss="kl"), ValueError, r"`kd_loss`='kl': choose one of"),
     "kd-no-teacher": (lambda t: kd(t, tiny_bert(), None), ValueError, r"teacher"),
     "kd-labels": (lambda t: kd(t, tiny_bert(), tiny_bert(num_labels=3)), ValueError, r"label"),

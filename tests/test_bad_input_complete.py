@@ -150,17 +150,17 @@ RAISES = {
     "callbacks/_logs.py": {
         ("LogsForIntegrations.metrics_for_log", "NotImplementedError", 1): R + "abstract method; each callback implements it (pragma: no cover).",
     },
-    "callbacks/lowrank.py": {  # lowrank
-        ("LowRankCallback.__init__", "ValueError", 1): "callback-config-and-kwargs",
-        ("LowRankCallback.on_init_end", "ValueError", 1): "lowrank-distributed",
-        ("LowRankCallback.on_train_begin", "ValueError", 1): "resume-run-length",
-    },
     "callbacks/clustering.py": {
         ("ClusteringCallback.__init__", "ValueError", 1): "clustering-config-and-kwargs",
         ("ClusteringCallback._restore", "ValueError", 1): "clustering-resume-damaged",
         ("ClusteringCallback._check_start", "ValueError", 1): "clustering-start-after-run",
         ("ClusteringCallback.on_train_begin", "ValueError", 1): "clustering-distributed",
         ("ClusteringCallback.on_train_begin", "ValueError", 2): "fsdp2-clustering",
+    },
+    "callbacks/lowrank.py": {  # lowrank
+        ("LowRankCallback.__init__", "ValueError", 1): "callback-config-and-kwargs",
+        ("LowRankCallback.on_init_end", "ValueError", 1): "lowrank-distributed",
+        ("LowRankCallback.on_train_begin", "ValueError", 1): "resume-run-length",
     },
     "callbacks/pruning.py": {
         ("PruningCallback.__init__", "ValueError", 1): "callback-config-and-kwargs",
@@ -232,6 +232,10 @@ RAISES = {
         ("_label_ids", "ValueError", 1): R + "check_rows runs on every split before the labels are mapped and refuses the same label naming its row (data-label-id-beyond-names).",
         ("lm_blocks", "ValueError", 1): "data-lm-too-short",
     },
+    "cli/export.py": {
+        ("run", "FileNotFoundError", 1): "onnx-no-config",
+        ("run", "ValueError", 1): "onnx-exists",
+    },
     "cli/models.py": {
         ("minilm_path", "ImportError", 1): "packaged-minilm-missing",
     },
@@ -295,10 +299,6 @@ RAISES = {
     "cli/report.py": {
         ("load_report", "FileNotFoundError", 1): "report-missing",
     },
-    "distillation/cache.py": {
-        ("cache_teacher_logits", "ValueError", 1): R + "`datasets` is a declared dependency (pragma: no cover).",
-        ("cache_teacher_logits", "ValueError", 2): "cache-dataset-type",
-        ("cache_teacher_logits", "ValueError", 3): "cache-k",
     "clustering/__init__.py": {
         ("build_plan", "ValueError", 1): "clustering-group-divides",
         ("build_plan", "ValueError", 2): "clustering-too-few-weights",
@@ -324,6 +324,10 @@ RAISES = {
         ("decode", "ValueError", 2): R + "every load path checks the packed indices' length in the headers first (check_clustering_record).",
         ("_export_load_hook", "ValueError", 1): R + "a directory with one part only is refused before (the weight is missing for check_checkpoint).",
     },
+    "distillation/cache.py": {
+        ("cache_teacher_logits", "ValueError", 1): R + "`datasets` is a declared dependency (pragma: no cover).",
+        ("cache_teacher_logits", "ValueError", 2): "cache-dataset-type",
+        ("cache_teacher_logits", "ValueError", 3): "cache-k",
         ("cache_teacher_logits", "ValueError", 4): "cache-batch-size",
         ("cache_teacher_logits", "ValueError", 5): "cache-no-input-ids",
         ("cache_teacher_logits", "ValueError", 6): "cache-left-padding",
@@ -332,6 +336,9 @@ RAISES = {
         ("CachedLogitsCollator.__call__", "ValueError", 1): "cache-left-padding",
     },
     "distillation/config.py": {
+        ("_count", "ValueError", 1): "kd-count",
+        ("_count", "ValueError", 2): "kd-count",
+        ("_count", "ValueError", 3): "kd-count",
         ("_number", "ValueError", 1): "kd-number-type",
         ("_number", "ValueError", 2): "kd-number-finite",
         ("_number", "ValueError", 3): "kd-temperature",
@@ -348,16 +355,15 @@ RAISES = {
         ("resolve_layer_map", "ValueError", 1): "kd-layer-map",
     },
     "distillation/losses.py": {
+        ("chunked_kd_loss", "ValueError", 1): R + "DistillationConfig refuses an unknown kd_loss first (kd-kd_loss); the function repeats it for direct callers.",
+        ("chunked_kd_loss", "ValueError", 2): R + "the trainer passes exactly one of raw teacher logits and cached top-k log-probabilities.",
+        ("chunked_kd_loss", "ValueError", 3): R + "the trainer passes one weight per teacher, checked before training (kd-teacher-weights-count).",
         ("teacher_log_probs", "ValueError", 1): R + "DistillationTrainer checks one weight per teacher before training (kd-teacher-weights-count).",
         ("divergence", "ValueError", 1): R + "DistillationConfig refuses an unknown kd_loss first (kd-kd_loss); guard for direct calls.",
         ("kd_loss", "ValueError", 1): R + "DistillationConfig refuses an unknown kd_loss first (kd-kd_loss); guard for direct calls.",
         ("hidden_loss", "ValueError", 1): R + "DistillationConfig refuses an unknown hidden_loss first (kd-hidden-loss); guard for direct calls.",
         ("attention_loss", "ValueError", 1): R + "the trainer checks equal head counts first (kd-attention-heads); both models see the same inputs.",
     },
-    "distillation/student.py": {
-        ("_num_layers", "ValueError", 1): "student-no-layers",
-        ("student_from_teacher", "ValueError", 1): "student-teacher-type",
-        ("student_from_teacher", "ValueError", 2): "student-compressed-teacher",
     "distillation/sharing.py": {
         ("_groups", "ValueError", 1): "sharing-group-size",
         ("_groups", "ValueError", 2): "sharing-groups",
@@ -369,6 +375,10 @@ RAISES = {
         ("check_sharing_record", "ValueError", 2): "load-sharing-blocks",
         ("check_sharing_record", "ValueError", 3): "load-sharing-groups",
     },
+    "distillation/student.py": {
+        ("_num_layers", "ValueError", 1): "student-no-layers",
+        ("student_from_teacher", "ValueError", 1): "student-teacher-type",
+        ("student_from_teacher", "ValueError", 2): "student-compressed-teacher",
         ("student_from_teacher", "ValueError", 3): "student-layers-empty",
         ("student_from_teacher", "ValueError", 4): "student-layers-range",
         ("student_from_teacher", "ValueError", 5): "student-layers-repeat",
@@ -421,6 +431,12 @@ RAISES = {
         ("model_class_for", "ValueError", 1): "load-architectures",
     },
     "onnx.py": {
+        ("_InputQuantLinearOnnx.__init__", "ValueError", 1): "onnx-activation-quant",
+        ("_InputQuantLinearOnnx.__init__", "ValueError", 2): R + "QATConfig accepts activation_bits=8 only, so every input-quantising layer is 8-bit.",
+        ("_require_packages", "ValueError", 1): "onnx-packages",
+        ("_check_metadata", "ValueError", 1): "onnx-bnb",
+        ("check_exportable", "ValueError", 2): "onnx-bnb",
+        ("check_exportable", "ValueError", 3): "onnx-activation-quant",
         ("_load", "FileNotFoundError", 1): "onnx-no-config",
         ("_output_name", "ValueError", 1): R + "check_exportable admits transformers models only, whose outputs carry logits or last_hidden_state.",
         ("check_exportable", "ValueError", 1): "onnx-not-a-model",

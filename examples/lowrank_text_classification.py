@@ -49,16 +49,6 @@ def parse(argv=None):
     return a
 
 
-@torch.no_grad()
-def accuracy_of(model, ds, tok, batch_size=64) -> float:
-    collate, cols, correct = DataCollatorWithPadding(tok), ["input_ids", "attention_mask", "token_type_ids"], 0
-    for i in range(0, len(ds), batch_size):
-        rows = [{c: ds[j][c] for c in cols if c in ds.column_names} for j in range(i, min(i + batch_size, len(ds)))]
-        logits = model(**collate(rows)).logits
-        correct += int((logits.argmax(-1) == torch.tensor(ds["label"][i:i + batch_size])).sum())
-    return correct / len(ds)
-
-
 def main(argv=None):
     a = parse(argv)
     tok = AutoTokenizer.from_pretrained(minilm_path())
@@ -88,7 +78,8 @@ def main(argv=None):
     t.save_model(out)
     tok.save_pretrained(out)
     back = AutoModelForSequenceClassification.from_pretrained(out)  # after `import hf_compress`
-    back_acc = accuracy_of(back.eval(), val, tok)  # (the Trainer refuses models loaded through a quantizer hook)
+    back_acc = Trainer(model=back, args=args, eval_dataset=val, data_collator=DataCollatorWithPadding(tok),
+                       compute_metrics=acc).evaluate()["eval_accuracy"]
     params = sum(p.numel() for p in back.parameters())
     print(f"parameters {dense_params:,} -> {params:,}  accuracy {accuracy:.4f}  reloaded {back_acc:.4f}  "
           f"ranks {sorted(set(lowrank.summary()['ranks'].values()))}")

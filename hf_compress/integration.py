@@ -409,6 +409,12 @@ def _quantizer_classes():
             # low-bit layers hold integer codes: train adapters on them, not the layers themselves
             return not (self._meta.get("quantization") or {}).get("backend")
 
+        @property
+        def is_qat_trainable(self) -> bool:
+            # what the Trainer asks before it accepts a loaded model (fine-tuning or evaluation): a float
+            # compressed model (pruned shapes, low-rank, clustered, sparse storage) is an ordinary model
+            return self.is_trainable
+
     return HfCompressQuantizationConfig, HfCompressQuantizer
 
 

@@ -319,3 +319,21 @@ def test_deepcopy_and_pickle_of_a_compressed_model_keep_the_attention_implementa
         assert clone.config.to_dict() == model.config.to_dict()
         batch = _inputs()
         assert torch.equal(_logits(clone, batch), _logits(model, batch))
+
+
+def test_the_trainer_accepts_float_compressed_models_loaded_through_the_auto_class(exported, tmp_path):
+    """transformers' Trainer refuses a quantizer-loaded model unless the quantizer says it can train: a float
+    compressed model (pruned shapes) evaluates and fine-tunes like any model; int8 codes stay refused."""
+    from transformers import Trainer
+
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to=[], max_steps=1,
+                             per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True)
+    model = AutoModelForSequenceClassification.from_pretrained(exported["bert-heads-neurons"][1])
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(16), eval_dataset=TokenDataset(16))
+    assert "eval_loss" in trainer.evaluate()
+    before = model.classifier.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, model.classifier.weight)
+    int8 = AutoModelForSequenceClassification.from_pretrained(exported["int8"][1])
+    with pytest.raises(ValueError, match="quantized"):
+        Trainer(model=int8, args=args, train_dataset=TokenDataset(16))

@@ -10,7 +10,7 @@ the same start, seed 42, batch 16, lr 5e-5, max length 64, and evaluated on the 
 
 Only the pruning axis is used (the cheapest to analyse; the machine is 2 shared cores).
 
-    nice python bench/bench_sensitivity.py          # ~30 min on 2 shared CPU cores (more when other jobs run)
+    nice python bench/bench_sensitivity.py          # ~30-45 min on 2 shared CPU cores (more when other jobs run)
     python bench/bench_sensitivity.py --quick       # proves it runs; numbers meaningless
 """
 
@@ -35,8 +35,8 @@ from hf_compress.sensitivity import (BudgetConfig, SensitivityConfig, analyze_se
 
 SPARSITIES = [0.5, 0.8, 0.95]
 UNIFORM = 0.8  # every analysed layer at 80% sparsity
-SHORT = dict(train=2000, steps=80, teacher_steps=100, heldout=64, eval_rows=None)
-QUICK_SIZES = dict(train=128, steps=6, teacher_steps=6, heldout=16, eval_rows=64)
+SHORT = dict(train=2000, steps=50, teacher_steps={"sst2": 100, "emotion": 80}, heldout=64, eval_rows=None)
+QUICK_SIZES = dict(train=128, steps=6, teacher_steps={"sst2": 6, "emotion": 6}, heldout=16, eval_rows=64)
 LR, BATCH = 5e-5, 16
 
 
@@ -90,12 +90,13 @@ def main(argv=None):
         else:
             train_ds, held, val_ds = emotion(tok, sizes["train"], sizes["heldout"], sizes["eval_rows"])
             num_labels = 6
-        start_path = CACHE / f"{task}-start-{sizes['train']}-{sizes['teacher_steps']}"
+        start_steps = sizes["teacher_steps"][task]
+        start_path = CACHE / f"{task}-start-{sizes['train']}-{start_steps}"
         if not (start_path / "model.safetensors").exists():
-            print(f"[bench] fine-tuning MiniLM on {sizes['train']} {task} rows for {sizes['teacher_steps']} steps", flush=True)
+            print(f"[bench] fine-tuning MiniLM on {sizes['train']} {task} rows for {start_steps} steps", flush=True)
             torch.manual_seed(SEED)
             m = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels)
-            t, _ = train(m, train_ds, training_args(str(tmp / f"{task}-start"), steps=sizes["teacher_steps"], lr=1e-4, batch=BATCH), tok)
+            t, _ = train(m, train_ds, training_args(str(tmp / f"{task}-start"), steps=start_steps, lr=1e-4, batch=BATCH), tok)
             t.model.save_pretrained(start_path)
         base = AutoModelForSequenceClassification.from_pretrained(start_path)
         start_acc = accuracy(base, val_ds, tok)

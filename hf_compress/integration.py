@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .metadata import META_KEY, get_metadata, on_record
-from .modules import replace_module, unwrap
+from .modules import local_name, replace_module, unwrap
 from .storage import (  # hf_compress.storage (issue 14): checks before allocating; sparse-bitmask weights
     attach_listed,
     check_pruning_record,
@@ -261,20 +261,6 @@ class _Parked(nn.Module):
         raise RuntimeError(f"{self.parked_name} was not rebuilt after loading (hf_compress quantizer).")
 
 
-def _resolve(model: nn.Module, name: str) -> str | None:
-    """`name` (recorded on the saved model) as a module name of `model` (which may be the base model of
-    a head model, or the other way round); None when `model` has no such module."""
-    modules = dict(model.named_modules())
-    if name in modules:
-        return name
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in modules:
-        return name[len(prefix) + 1:]
-    if prefix and f"{prefix}.{name}" in modules:
-        return f"{prefix}.{name}"
-    return None
-
-
 def _deferred_layers(model: nn.Module, meta: dict) -> dict[str, str]:
     """{module name in `model`: recorded name} of the layers the quantizer builds after loading."""
     q = meta.get("quantization") or {}
@@ -282,7 +268,7 @@ def _deferred_layers(model: nn.Module, meta: dict) -> dict[str, str]:
     out = {}
     for name, d in layers.items():
         if q.get("backend") or (isinstance(d, dict) and d.get("input_quant")):
-            local = _resolve(model, name)
+            local = local_name(model, name)
             if local is not None:
                 out[local] = name
     return out

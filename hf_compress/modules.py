@@ -152,3 +152,18 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, child)
     setattr(parent, child, new)
     return old
+
+
+def local_name(model: nn.Module, name: str, modules: dict | None = None) -> str | None:
+    """A module name recorded on a saved model as a module name of `model`, which may be the base model of
+    that head model or the other way round (``bert.encoder...`` <-> ``encoder...``); None when `model` has
+    no such module. `modules`: ``dict(model.named_modules())`` when the caller has it already."""
+    modules = dict(model.named_modules()) if modules is None else modules
+    if name in modules:
+        return name
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in modules:
+        return name[len(prefix) + 1:]
+    if prefix and f"{prefix}.{name}" in modules:
+        return f"{prefix}.{name}"
+    return None

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .metadata import get_metadata, on_record, record
-from .modules import BLOCK_PATTERN, is_linear, out_axis, unwrap
+from .modules import BLOCK_PATTERN, is_linear, local_name as _local, out_axis, unwrap
 
 SPARSE_FORMAT = "sparse-bitmask"
 STORAGE_VERSION = 1
@@ -176,18 +176,6 @@ def stored_sparse(model_or_config) -> list[str]:
     if not isinstance(st, dict) or st.get("format") != SPARSE_FORMAT:
         return []
     return list(st.get("tensors") or [])
-
-
-def _local(model: nn.Module, name: str, modules: dict) -> str | None:
-    """A recorded module name as a module name of `model` (head model <-> base model prefixes)."""
-    if name in modules:
-        return name
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in modules:
-        return name[len(prefix) + 1:]
-    if prefix and f"{prefix}.{name}" in modules:
-        return f"{prefix}.{name}"
-    return None
 
 
 def attach_listed(model: nn.Module, meta: dict | None = None) -> dict[str, str]:

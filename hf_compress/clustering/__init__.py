@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..metadata import get_metadata, record
-from ..modules import is_linear, out_axis, select_modules, unwrap
+from ..modules import is_linear, local_name as _local, out_axis, select_modules, unwrap
 from ..sharding import is_sharded
 from .config import ClusteringConfig
 from .kmeans import kmeans, pack, packed_bytes, unpack
@@ -142,17 +142,6 @@ def convert(model: nn.Module, config: ClusteringConfig, plan: dict[str, LayerPla
 
 
 # ----------------------------------------------------------------------------- reloading
-
-
-def _local(model: nn.Module, name: str, modules: dict) -> str | None:
-    if name in modules:
-        return name
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in modules:
-        return name[len(prefix) + 1:]
-    if prefix and f"{prefix}.{name}" in modules:
-        return f"{prefix}.{name}"
-    return None
 
 
 def recorded_layers(meta: dict) -> dict[str, dict]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..metadata import get_metadata, record
-from ..modules import out_axis, replace_module, select_modules, unwrap
+from ..modules import local_name as _local, out_axis, replace_module, select_modules, unwrap
 from .factorize import (LowRankLinear, break_even, decompose, dense_weight, energy_rank, factorise_layer, is_lowrank,
                         rank_at, rule_rank, saves_parameters, shape_of, shrink_layer, weighting)
 from .optim import replace_parameters
@@ -204,18 +204,6 @@ class LowRank:
 def prepare(model: nn.Module, config) -> LowRank:
     """The `LowRank` of the layers `config` (a LowRankConfig) targets; checks targets and per-layer ranks."""
     return LowRank(model, config)
-
-
-def _local(model: nn.Module, name: str, modules: dict) -> str | None:
-    """A recorded module name as a module name of `model` (head model <-> base model)."""
-    if name in modules:
-        return name
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    if prefix and name.startswith(prefix + ".") and name[len(prefix) + 1:] in modules:
-        return name[len(prefix) + 1:]
-    if prefix and f"{prefix}.{name}" in modules:
-        return f"{prefix}.{name}"
-    return None
 
 
 def convert(model: nn.Module, config=None, lowrank: LowRank | None = None) -> dict:

@@ -57,8 +57,11 @@ BASE_KEY = "base_model_type"  # in the saved hf_compress section: the architectu
 # the architecture's config (its FFN width, see `_refusal_field`) as this string: the concrete config class
 # validates its typed fields and raises "Field 'intermediate_size' expected int, got str (value: '<this>')"
 # before any weight is read. The base PreTrainedConfig (which the Trainer reads when resuming) does not
-# check that field. The real value is kept in the hf_compress section and put back when hf_compress loads.
-FIELD_REFUSAL = "hf_compress (this model needs `pip install hf_compress` and `import hf_compress` before from_pretrained)"
+# check that field. The real value is kept in the hf_compress section and put back when hf_compress loads
+# through AutoConfig (so with the import a concrete class needs config=AutoConfig.from_pretrained(dir)).
+FIELD_REFUSAL = ("hf_compress (this model needs `pip install hf_compress`, then `import hf_compress` and "
+                 "AutoModelFor...from_pretrained / pipeline / hf_compress.load_pretrained; a concrete class such as "
+                 "BertForSequenceClassification.from_pretrained(dir) cannot read it, or pass config=AutoConfig.from_pretrained(dir))")
 FIELD_KEY = "refusal_field"  # in the saved hf_compress section: {field: real value}
 CARD_MARK = "<!-- written by hf_compress -->"
 

@@ -370,7 +370,7 @@ def _load(source) -> tuple[nn.Module, Path | None]:
     # by config.architectures rebuilds a compressed directory exactly as hf_compress.load_pretrained does
     config = AutoConfig.from_pretrained(path)
     _check_metadata(get_metadata(config))  # refuse bitsandbytes before loading it
-    model = model_class_for(config).from_pretrained(path)
+    model = model_class_for(config).from_pretrained(path, config=config)  # the concrete class would re-read it
     return model.eval(), path
 
 

@@ -337,3 +337,19 @@ def test_the_trainer_accepts_float_compressed_models_loaded_through_the_auto_cla
     int8 = AutoModelForSequenceClassification.from_pretrained(exported["int8"][1])
     with pytest.raises(ValueError, match="quantized"):
         Trainer(model=int8, args=args, train_dataset=TokenDataset(16))
+
+
+def test_concrete_class_after_the_import_is_told_what_to_do_and_loads_with_autoconfig(exported):
+    """The concrete class re-reads config.json with the stock config class, which refuses the saved field even
+    after `import hf_compress` (no public hook reaches it): it says to use the Auto classes, and with
+    config=AutoConfig.from_pretrained(dir) it loads the same model as load_pretrained."""
+    import transformers
+    from transformers import AutoConfig
+
+    _, d = exported["bert-heads+int8"]
+    cls = getattr(transformers, json.loads((d / "config.json").read_text())["architectures"][0])
+    with pytest.raises(Exception, match=r"AutoModelFor\.\.\.from_pretrained.*config=AutoConfig\.from_pretrained"):
+        cls.from_pretrained(d)
+    model = cls.from_pretrained(d, config=AutoConfig.from_pretrained(d))
+    batch = _inputs()
+    assert torch.equal(_logits(model, batch), _logits(load_pretrained(d), batch))

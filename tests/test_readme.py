@@ -67,6 +67,19 @@ def test_own_model_python_then_serve(tmp_path, monkeypatch):
     (out,) = printed
     assert isinstance(out, list) and set(out[0]) == {"label", "score"}
 
+    # the ONNX Runtime snippet on the same export: its logits agree with the PyTorch int8 model's
+    ns = {}
+    exec(compile(snippet("onnx"), "README.md:onnx", "exec"), ns)
+    import torch
+    from transformers import AutoTokenizer
+
+    batch = AutoTokenizer.from_pretrained("out/model")(["a gripping, beautifully shot film"], return_tensors="pt")
+    with torch.no_grad():
+        want = ns["hf_compress"].load_pretrained("out/model")(**batch).logits.numpy()
+    assert ns["logits"].shape == want.shape
+    # dynamic int8 activations: a one-code rounding difference may move a tensor's scale (docs/onnx.md)
+    assert abs(ns["logits"] - want).max() < 0.05 * (1 + abs(want).max())
+
 
 @pytest.mark.integration
 def test_own_model_recipe(tmp_path, monkeypatch):

@@ -88,10 +88,13 @@ def load_teacher(
     """
     if low_bit is not None and low_bit not in LOW_BIT:
         raise ValueError(f"low_bit={low_bit!r}: choose one of {LOW_BIT} or None for full precision.")
-    if model_class is None:
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
-        model_class = model_class_for(AutoConfig.from_pretrained(name_or_path))
+    # the config through AutoConfig (a compressed teacher's config is only readable that way), handed to
+    # the class so that it is not read again by the concrete config class
+    from_pretrained_kwargs.setdefault("config", AutoConfig.from_pretrained(name_or_path))
+    if model_class is None:
+        model_class = model_class_for(from_pretrained_kwargs["config"])
     if low_bit is not None and torch.cuda.is_available():
         from transformers import BitsAndBytesConfig
 

@@ -360,5 +360,8 @@ def test_example_runs_on_tiny_settings(tmp_path):
     spec = importlib.util.spec_from_file_location("lowrank_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    out = example.main(["--tiny", "--output-dir", str(tmp_path)])
+    from helpers import data_dir
+
+    # the data folder explicitly: the example's own default assumes ../shared beside the checkout
+    out = example.main(["--tiny", "--output-dir", str(tmp_path), "--data", str(data_dir() / "sst2")])
     assert out["params"] < out["dense_params"] and out["reloaded_accuracy"] == out["accuracy"]

@@ -150,10 +150,12 @@ RAISES = {
     "callbacks/_logs.py": {
         ("LogsForIntegrations.metrics_for_log", "NotImplementedError", 1): R + "abstract method; each callback implements it (pragma: no cover).",
     },
+    "callbacks/_steps.py": {
+        ("refuse_start_after_run", "ValueError", 1): ("clustering-start-after-run", "qat-start-after-run"),
+    },
     "callbacks/clustering.py": {
         ("ClusteringCallback.__init__", "ValueError", 1): "clustering-config-and-kwargs",
         ("ClusteringCallback._restore", "ValueError", 1): "clustering-resume-damaged",
-        ("ClusteringCallback._check_start", "ValueError", 1): "clustering-start-after-run",
         ("ClusteringCallback.on_train_begin", "ValueError", 1): "clustering-distributed",
         ("ClusteringCallback.on_train_begin", "ValueError", 2): "fsdp2-clustering",
     },
@@ -170,7 +172,6 @@ RAISES = {
     },
     "callbacks/qat.py": {
         ("QATCallback.__init__", "ValueError", 1): "callback-config-and-kwargs",
-        ("QATCallback._check_start", "ValueError", 1): "qat-start-after-run",
         ("QATCallback.on_train_begin", "ValueError", 1): "fsdp2-qat",
     },
     "checkpointing.py": {

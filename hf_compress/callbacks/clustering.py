@@ -36,6 +36,7 @@ from ..clustering.config import ClusteringConfig
 from ..modules import is_linear, unwrap
 from ..sharding import is_sharded
 from ._logs import LogsForIntegrations, is_training_log
+from ._steps import refuse_start_after_run
 
 NAME = "clustering"
 logger = logging.getLogger(__name__)
@@ -124,12 +125,9 @@ class ClusteringCallback(LogsForIntegrations, StatefulCallback):
         self._activate(step, state={n: t.to(dev) for n, t in tensors.items()}, frozen=bool(meta.get("frozen")))
 
     def _check_start(self, max_steps: int) -> None:
-        if max_steps and max_steps > 0 and self.config.clustering_start_step >= max_steps:
-            raise ValueError(
-                f"ClusteringConfig.clustering_start_step={self.config.clustering_start_step} is at or after the last "
-                f"training step ({max_steps}): the weights would never be clustered while training. Lower "
-                "clustering_start_step or train longer (to cluster without training, call hf_compress.clustering.convert)."
-            )
+        refuse_start_after_run(self.config, "clustering_start_step", max_steps,
+                               "the weights would never be clustered while training",
+                               "to cluster without training, call hf_compress.clustering.convert")
 
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, model=None, **kwargs):

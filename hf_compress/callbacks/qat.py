@@ -39,6 +39,7 @@ from ..quantization.observers import sync_observers
 from ..sharding import is_sharded
 from ._amp import skipped_by_scaler
 from ._logs import LogsForIntegrations, is_training_log
+from ._steps import refuse_start_after_run
 
 NAME = "qat"
 
@@ -98,12 +99,9 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
                 obs.load_state({k: tensors[f"{name}.{k}"].to(dev) for k in ("lo", "hi", "initialized")})
 
     def _check_start(self, max_steps: int) -> None:
-        if max_steps and max_steps > 0 and self.config.qat_start_step >= max_steps:
-            raise ValueError(
-                f"QATConfig.qat_start_step={self.config.qat_start_step} is at or after the last training step "
-                f"({max_steps}): fake quantisation would never run, yet the export would be labelled quantised. "
-                "Lower qat_start_step or train longer (for quantisation without training use quantize_model)."
-            )
+        refuse_start_after_run(self.config, "qat_start_step", max_steps,
+                               "fake quantisation would never run, yet the export would be labelled quantised",
+                               "for quantisation without training use quantize_model")
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self.refuse_zero3()

@@ -17,11 +17,15 @@ accuracy on the full SST-2 validation split (872 rows).
 
     nice python bench/bench_uniform.py              # 2,000 rows, 150 steps, 5 runs (~25 min on 2 shared CPU cores)
     nice python bench/bench_uniform.py --dense      # + the unpruned control run
+
+Each finished run is cached in bench/.cache/uniform/ (keyed on its settings): a killed run continues where
+it stopped when started again.
     python bench/bench_uniform.py --quick           # proves it runs; numbers meaningless
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -30,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import SEED, accuracy, minilm_path, parse_args, sst2, table, tokenizer, train, training_args, write  # noqa: E402
+from common import CACHE, SEED, accuracy, minilm_path, parse_args, sst2, table, tokenizer, train, training_args, write  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 from hf_compress import PruningCallback, PruningConfig  # noqa: E402
@@ -63,6 +67,12 @@ def main(argv=None):
           f"mask updates every {freq}", flush=True)
 
     def run(name, prune: dict, uniform: bool):
+        key = f"{name}-{sizes['train']}-{steps}-{LR}-{BATCH}-{SEED}".replace(" ", "_").replace("%", "pct").replace("+", "and")
+        cached = CACHE / ("uniform-quick" if a.quick else "uniform") / f"{key}.json"
+        if cached.exists():
+            row = json.loads(cached.read_text())
+            print(f"[bench] {name}: cached ({cached})", flush=True)
+            return row
         torch.manual_seed(SEED)
         model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
         cbs = [PruningCallback(PruningConfig(granularity=g, target_sparsity=s, method="taylor", uniform=uniform,
@@ -82,6 +92,8 @@ def main(argv=None):
         }
         print(f"[bench] {name}: accuracy {acc:.4f}, {row['params_M']:.3f}M params, ffn {s['ffn']}, heads {s['heads']}, "
               f"stock loadable {row['stock_loadable']}, {row['minutes']:.1f} min", flush=True)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(row))
         return row
 
     plan = [("dense (no pruning)", {}, False)] if a.dense else []

@@ -6,8 +6,14 @@ axes, and no past key values (decoders return logits for the whole sequence: ``u
 
 What each kind of layer becomes — the same numerics the PyTorch model computes:
 
-* float layers (plain, structurally pruned with per-layer widths, weights baked onto a QAT grid with
-  ``export=None``, group-wise grids included): the float weights as they are (MatMul / Gemm).
+* float layers (plain, structurally pruned with per-layer widths, weights baked onto a 5-8-bit or NF4 grid
+  with ``export=None``): the float weights as they are (MatMul / Gemm).
+* weight-only layers on a uniform grid of <= 4 bits (QAT / PTQ with ``export=None``, group-wise or per
+  channel; QAT still running): ``int4='matmulnbits'`` (default) writes ONNX Runtime's com.microsoft
+  MatMulNBits (bits=4) with our integer codes and scales, not re-quantised (``accuracy_level`` 0 by default:
+  exact dequantisation, float32 input); ``int4='int8-gemm'`` writes the per-channel ones (and torch-int8
+  layers whose codes fit 4 bits) as packed 4-bit codes that ONNX Runtime unpacks once at load for its int8
+  GEMM; ``int4='float'`` writes their weights as floats.
 * torch-int8 ``Int8Linear`` (QAT or PTQ with ``export='torch-int8'``): our int8 codes and per-channel
   scales / zero points, unchanged (no re-calibration), as ``DynamicQuantizeLinear`` (the activation,
   uint8, per tensor, range of the tensor itself: what ``torch.ops.quantized.linear_dynamic`` does) →
@@ -20,7 +26,9 @@ What each kind of layer becomes — the same numerics the PyTorch model computes
 
 Refused before anything is written, naming the setting and the alternative: bitsandbytes layers
 (``export='bnb-int8'`` / ``'bnb-nf4'``: group-wise NF4 codes and LLM.int8 kernels that ONNX has no
-operator for), symmetric dynamic activation ranges, and models that are not a transformers model.
+operator for), symmetric dynamic activation ranges, models that are not a transformers model, and for the
+<= 4-bit layers: input quantisation MatMulNBits cannot compute, group sizes that are no MatMulNBits block,
+weights no longer on their recorded grid.
 The output directory appears whole or not at all (written beside it, then renamed).
 """
 
@@ -38,9 +46,10 @@ import torch
 from torch import nn
 
 from .metadata import get_metadata
-from .modules import model_class_for, out_axis, replace_module
-from .quantization import is_fake_quant, quantize_weight, restore_layer
+from .modules import is_linear, model_class_for, out_axis, replace_module
+from .quantization import QScheme, is_fake_quant, quantize_weight, restore_layer
 from .quantization.backends.torch_int8 import Int8Linear
+from .quantization.numerics import MIN_SCALE
 
 OPSET = 18
 TOKENIZER_FILES = (
@@ -237,6 +246,346 @@ class _InputQuantLinearOnnx(nn.Module):
         return y.to(x.dtype)
 
 
+# ---------------------------------------------------------------- int4: com.microsoft MatMulNBits
+#
+# Weight-only uniform layers of <= 4 bits (QAT / PTQ with export=None, or QAT still fake-quantising) become
+# ONNX Runtime's MatMulNBits (bits=4): B = our integer codes + 8, packed two per byte (low nibble first), shape
+# [N, n_blocks, block_size / 2]; scales [N, n_blocks] float32 = our scales; no zero-point input for the
+# symmetric grids (MatMulNBits' default zero point 8 is our 0), packed uint8 zero points (our Z + 8) for the
+# asymmetric ones. Group-wise: block_size = group_size. Per channel / per tensor: one block size
+# (PER_CHANNEL_BLOCK, or the smallest power of two >= 16 covering K) with the scale repeated in every block,
+# K padded with zero codes. 2- and 3-bit grids fit the 4-bit codes as they are. Nothing is re-quantised:
+# fake-quantised layers give their codes and scales (numerics.quantize_weight); baked float weights give them
+# back exactly (`_recover_grid`, checked value for value: every (q - Z) · S in float32 equals the stored
+# weight, else the export is refused).
+
+INT4_MODES = ("matmulnbits", "int8-gemm", "float")
+DEFAULT_INT4 = "matmulnbits"
+ACCURACY_LEVELS = (0, 4)
+DEFAULT_ACCURACY_LEVEL = 0
+PER_CHANNEL_BLOCK = 128
+_ULP_STEPS = (0, -1, 1, -2, 2, -3, 3, -4, 4)
+
+
+def _check_options(int4: str, accuracy_level: int) -> None:
+    if int4 not in INT4_MODES:
+        raise ValueError(
+            f"int4={int4!r}: use 'matmulnbits' (<= 4-bit layers as ONNX Runtime's com.microsoft MatMulNBits: packed "
+            "4-bit codes with our scales), 'int8-gemm' (per-channel ones as packed 4-bit codes that ONNX Runtime "
+            "unpacks at load for its int8 GEMM, inputs quantised at run time) or 'float' (their weights as floats: "
+            "standard ONNX, exact, not smaller)."
+        )
+    if isinstance(accuracy_level, bool) or accuracy_level not in ACCURACY_LEVELS:
+        raise ValueError(
+            f"accuracy_level={accuracy_level!r}: use 0 (MatMulNBits takes its float32 input as it is and "
+            "dequantises the weights exactly) or 4 (it quantises each block of its input to int8 first)."
+        )
+
+
+def _is_nbits_block(n) -> bool:
+    return isinstance(n, int) and n >= 16 and n & (n - 1) == 0
+
+
+def _nbits_block(scheme: QScheme, k: int) -> int:
+    """MatMulNBits block_size of a layer: its group size, or one block size for a per-channel scale."""
+    if scheme.group_size:
+        return scheme.group_size
+    block = 16
+    while block < min(k, PER_CHANNEL_BLOCK):
+        block *= 2
+    return block
+
+
+def _fits_4bit(scheme: QScheme | None) -> bool:
+    """A uniform grid whose codes fit 4 bits (2, 3 or 4 bits)."""
+    return scheme is not None and scheme.format == "int" and scheme.bits <= 4
+
+
+def _recorded_int4(model: nn.Module) -> dict[str, QScheme]:
+    """{module name: scheme} of the <= 4-bit layers recorded as float weights on the grid (export=None)."""
+    from .modules import local_name
+
+    meta = get_metadata(model).get("quantization") or {}
+    if not isinstance(meta, dict) or meta.get("backend"):
+        return {}
+    modules = dict(model.named_modules())
+    out = {}
+    for rec_name, d in (meta.get("layers") or {}).items():
+        try:
+            scheme = QScheme(**d["weight"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        name = local_name(model, rec_name, modules)
+        if name is not None and _fits_4bit(scheme):
+            out[name] = scheme
+    return out
+
+
+def _packable_int8(m: Int8Linear) -> bool:
+    """An Int8Linear whose codes and zero points fit 4 bits (QAT / PTQ export='torch-int8' with weight_bits <= 4)."""
+    w, z = m.weight, m.weight_zero_point
+    return bool(w.numel()) and int(w.min()) >= -8 and int(w.max()) <= 7 and int(z.min()) >= -8 and int(z.max()) <= 7
+
+
+def _int4_layers(model: nn.Module, int4: str) -> dict[str, tuple[nn.Module, QScheme | None, str]]:
+    """{name: (layer, scheme, kind)} of the <= 4-bit layers written with 4-bit codes, kind 'matmulnbits' or
+    'int8_gemm'; refuses those that cannot be."""
+    if int4 == "float":
+        return {}
+    recorded = _recorded_int4(model)
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Int8Linear):
+            if int4 == "int8-gemm" and _packable_int8(m):
+                layers[name] = (m, None, "int8_gemm")
+            continue
+        if is_fake_quant(m):
+            scheme, act = m.hfc_plan.weight, m.hfc_plan.act
+            if not _fits_4bit(scheme):
+                continue
+            dynamic = act is not None and act.observer == "dynamic" and not act.symmetric and act.bits == 8
+            if act is not None and not (int4 == "int8-gemm" and dynamic and not scheme.group_size):
+                raise ValueError(
+                    f"{name} has {scheme.bits}-bit weights and quantises its input (activation_bits={act.bits}, "
+                    f"observer={act.observer!r}): int4={int4!r} cannot compute that (MatMulNBits takes float inputs; "
+                    "int4='int8-gemm' quantises inputs with their own range at run time, per-channel weights only). "
+                    "Export with int4='float' (the weights as floats and the input quantisation as QuantizeLinear / "
+                    "DequantizeLinear: exact, not smaller), or quantise the weights only (activation_bits=None)."
+                )
+        elif name in recorded and is_linear(m):
+            scheme = recorded[name]
+        else:
+            continue
+        if scheme.group_size and not _is_nbits_block(scheme.group_size):
+            raise ValueError(
+                f"{name}: group_size={scheme.group_size} cannot be a MatMulNBits block (a power of two >= 16: 16, 32, "
+                "64, 128, ...). Re-run QAT / quantize_model with group_size=32, 64 or 128, or export with "
+                "int4='float' (the weights as floats: exact, not smaller)."
+            )
+        kind = "int8_gemm" if int4 == "int8-gemm" and not scheme.group_size else "matmulnbits"
+        layers[name] = (m, scheme, kind)
+    return layers
+
+
+def _step_ulps(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Positive float32 values moved by k units in the last place."""
+    return x if k == 0 else (x.contiguous().view(torch.int32) + k).view(torch.float32)
+
+
+@torch.no_grad()
+def _recover_grid(w: torch.Tensor, scheme: QScheme) -> dict[str, torch.Tensor] | None:
+    """Codes, scales and zero points (quantize_weight's layout) of a float32 [out, in] weight that is already
+    on `scheme`'s grid; None when some group is not.
+
+    For each group the scale S is searched among max|w| / d (symmetric grids) or span / d (asymmetric) for
+    every code d the extreme value can have, and a few float32 ulps around each; a candidate is kept only
+    when every value of the group is exactly (q - Z) · S in float32 with its code inside the grid. What is
+    returned therefore dequantises to `w` bit for bit, whatever rounding produced the weights.
+    """
+    out_f, in_f = w.shape
+    if scheme.group_size:
+        g = w.reshape(out_f, in_f // scheme.group_size, scheme.group_size)
+    elif scheme.per_channel:
+        g = w.reshape(out_f, 1, in_f)
+    else:
+        g = w.reshape(1, 1, -1)
+    if not torch.isfinite(g).all():
+        return None
+    rows, n, _ = g.shape
+    qmin, qmax = scheme.qmin, scheme.qmax
+    if scheme.symmetric:
+        span = g.abs().amax(-1)
+        first = [qmax, -qmin] if -qmin != qmax else [qmax]
+        ds = first + [d for d in range(max(qmax, -qmin), 0, -1) if d not in first]
+    else:
+        span = g.amax(-1).clamp(min=0) - g.amin(-1).clamp(max=0)
+        ds = list(range(qmax - qmin, 0, -1))
+    scale = torch.ones(rows, n)
+    q_rel = torch.zeros_like(g)
+    found = span == 0  # an all-zero group: S = 1, every code 0
+    for base in [span / d for d in ds] + [torch.full_like(span, MIN_SCALE)]:
+        for k in _ULP_STEPS:
+            todo = ~found
+            if not todo.any():
+                break
+            s = _step_ulps(base, k)[todo]
+            x = g[todo]
+            r = torch.round(x / s[:, None])
+            ok = torch.isfinite(s) & (s > 0) & (r * s[:, None] == x).all(-1)
+            if scheme.symmetric:
+                ok &= (r >= qmin).all(-1) & (r <= qmax).all(-1)
+            else:
+                ok &= r.amax(-1).clamp(min=0) - r.amin(-1).clamp(max=0) <= qmax - qmin
+            idx = todo.nonzero()[ok]
+            scale[idx[:, 0], idx[:, 1]] = s[ok]
+            q_rel[idx[:, 0], idx[:, 1]] = r[ok]
+            found[idx[:, 0], idx[:, 1]] = True
+        if found.all():
+            break
+    if not found.all():
+        return None
+    # the zero point: 0 on symmetric grids; else the smallest Z inside the grid that holds every code (any such
+    # Z gives the same values)
+    zero = torch.zeros(rows, n) if scheme.symmetric else qmin - q_rel.amin(-1).clamp(max=0)
+    q = (q_rel + zero[..., None]).reshape(out_f, in_f)
+    return {"q": q.to(torch.int8), "scale": scale.expand(out_f, n).contiguous(),
+            "zero": zero.expand(out_f, n).to(torch.int8).contiguous()}
+
+
+def int4_storage(m: nn.Module, scheme: QScheme, name: str = "layer") -> dict[str, torch.Tensor]:
+    """Our codes, scales and zero points of a <= 4-bit layer ([out, in] layout, as quantize_weight): computed
+    from the float master weight of a fake-quantised layer, recovered exactly from weights baked on the grid."""
+    axis = out_axis(m)
+    if is_fake_quant(m) and not getattr(m, "hfc_weight_on_grid", False):
+        return quantize_weight(m.weight.detach(), scheme, axis)
+    w = m.weight.detach()
+    w = (w.t() if axis == 1 else w).float().contiguous()
+    stored = None
+    if not scheme.group_size or w.shape[1] % scheme.group_size == 0:
+        stored = _recover_grid(w, scheme) if m.weight.dtype == torch.float32 else None
+    if stored is None:
+        raise ValueError(
+            f"{name}: its weights ({m.weight.dtype}) are not on the {scheme.bits}-bit grid recorded in its config "
+            f"(group_size={scheme.group_size}, weight_range={scheme.weight_range!r}): changed after quantisation, or "
+            "rounded to 16 bits? MatMulNBits can only carry weights that are exactly codes times scales. Export with "
+            "int4='float' (the weights as they are), or quantise the float32 model again (quantize_model)."
+        )
+    return stored
+
+
+def pack_nbits(stored: dict[str, torch.Tensor], block: int) -> dict[str, torch.Tensor | None]:
+    """MatMulNBits inputs (bits=4) of our storage: B uint8 [N, n_blocks, block / 2], scales float32
+    [N, n_blocks], zero_points uint8 [N, ceil(n_blocks / 2)] or None (all zero points 0: the default 8)."""
+    q, scale, zero = stored["q"], stored["scale"].float(), stored["zero"]
+    n_out, k = q.shape
+    n_blocks = -(-k // block)
+    if scale.shape[1] != n_blocks:  # one scale per channel (or tensor): repeated in every block
+        scale, zero = scale[:, :1].expand(n_out, n_blocks), zero[:, :1].expand(n_out, n_blocks)
+    u = q.to(torch.int32) + 8
+    pad = n_blocks * block - k
+    if pad:  # the padded codes are the zero point: they dequantise to 0
+        u = torch.cat([u, (zero[:, -1:].to(torch.int32) + 8).expand(n_out, pad)], 1)
+    u = u.reshape(n_out, n_blocks, block)
+    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8).contiguous()
+    zp = None
+    if (zero != 0).any():
+        z = zero.to(torch.int32) + 8
+        if n_blocks % 2:
+            z = torch.cat([z, torch.full((n_out, 1), 8, dtype=torch.int32)], 1)
+        zp = (z[:, 0::2] | (z[:, 1::2] << 4)).to(torch.uint8).contiguous()
+    return {"B": packed, "scales": scale.contiguous(), "zero_points": zp}
+
+
+def _unpack_nbits(packed: torch.Tensor, scales: torch.Tensor, zp: torch.Tensor | None, k: int) -> torch.Tensor:
+    """float32 [N, K] weights that MatMulNBits dequantises (the eager reference of the stand-in)."""
+    n_out, n_blocks, _ = packed.shape
+    p = packed.to(torch.int32)
+    u = torch.stack([p & 15, p >> 4], -1).reshape(n_out, n_blocks, -1).float()
+    if zp is None:
+        z = torch.full((n_out, n_blocks), 8.0)
+    else:
+        zi = zp.to(torch.int32)
+        z = torch.stack([zi & 15, zi >> 4], -1).reshape(n_out, -1)[:, :n_blocks].float()
+    return ((u - z[..., None]) * scales[..., None]).reshape(n_out, -1)[:, :k]
+
+
+def _int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """accuracy_level=4 in PyTorch: each block of `block` input features of each row quantised to symmetric
+    int8 with its own scale max|x| / 127 (what MatMulNBits does to its input before the int8 dot products)."""
+    k = x.shape[-1]
+    pad = -k % block
+    xp = torch.nn.functional.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], -1, block)
+    amax = xp.abs().amax(-1, keepdim=True)
+    scale = amax / 127.0
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(xp * inv) * scale).reshape(*x.shape[:-1], -1)[..., :k]
+
+
+class _Int4LinearOnnx(nn.Module):
+    """Stands for a <= 4-bit weight-only layer: com.microsoft MatMulNBits with our codes and scales.
+
+    Run in PyTorch (the export copy as a reference for ONNX Runtime), it computes the same: the dequantised
+    weights, and with accuracy_level=4 the input rounded to int8 per block as MatMulNBits does."""
+
+    def __init__(self, stored: dict[str, torch.Tensor], bias: torch.Tensor | None, block: int, accuracy_level: int):
+        super().__init__()
+        self.n_out, self.k = stored["q"].shape
+        self.block, self.accuracy_level = block, accuracy_level
+        t = pack_nbits(stored, block)
+        self.register_buffer("B", t["B"])
+        self.register_buffer("scales", t["scales"])
+        self.register_buffer("zero_points", t["zero_points"])
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x):
+        if torch.onnx.is_in_onnx_export():
+            inputs = [x, self.B, self.scales, self.zero_points, None, self.bias]
+            attrs = {"K": self.k, "N": self.n_out, "bits": 4, "block_size": self.block,
+                     "accuracy_level": self.accuracy_level}
+            from torch.onnx import ops as onnx_ops
+
+            return onnx_ops.symbolic("com.microsoft::MatMulNBits", inputs, attrs, dtype=x.dtype,
+                                           shape=[*x.shape[:-1], self.n_out], version=1)
+        w = _unpack_nbits(self.B, self.scales, self.zero_points, self.k)
+        xin = _int8_blocks(x, self.block) if self.accuracy_level == 4 else x.float()
+        return torch.nn.functional.linear(xin, w, self.bias).to(x.dtype)
+
+
+def pack_int4_t(stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-channel codes [N, K] (int8, in [-8, 7]) as uint8 [ceil(K / 2), N]: u = code + 8, input feature k < K/2
+    in the low nibble of row k, feature k + ceil(K/2) in the high nibble (unpacked by one Concat, no interleave)."""
+    u = (stored["q"].to(torch.int32) + 8).t()  # [K, N]
+    k = u.shape[0]
+    half = -(-k // 2)
+    if k % 2:
+        u = torch.cat([u, torch.full((1, u.shape[1]), 8, dtype=torch.int32)], 0)
+    return (u[:half] | (u[half:] << 4)).to(torch.uint8).contiguous()
+
+
+class _Int4Int8GemmOnnx(nn.Module):
+    """Stands for a per-channel <= 4-bit layer run by ONNX Runtime's int8 GEMM: the file holds the codes packed
+    two per byte; BitwiseAnd / BitShift / Concat / Cast / Sub turn them back into the int8 codes (constant
+    inputs only: ONNX Runtime folds them once, at load) for the torch-int8 pattern of `_Int8LinearOnnx`
+    (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul, fused into DynamicQuantizeMatMul), with our scales
+    and zero points."""
+
+    def __init__(self, stored: dict[str, torch.Tensor], bias: torch.Tensor | None):
+        super().__init__()
+        self.k = stored["q"].shape[1]
+        self.register_buffer("packed", pack_int4_t(stored))
+        self.register_buffer("scale", stored["scale"][:, 0].float().contiguous())
+        self.register_buffer("zero", stored["zero"][:, 0].to(torch.int8).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("c15", torch.tensor(15, dtype=torch.uint8))
+        self.register_buffer("c4", torch.tensor(4, dtype=torch.uint8))
+        self.register_buffer("c8", torch.tensor(8.0))
+
+    def weight_t(self) -> torch.Tensor:
+        """The int8 codes [K, N]; in the export, ONNX ops of the packed initializer (explicit types)."""
+        p = self.packed
+        if not torch.onnx.is_in_onnx_export():
+            return (torch.cat([p & 15, p >> 4], 0)[: self.k].to(torch.int32) - 8).to(torch.int8)
+        from torch.onnx import ops as onnx_ops
+
+        half, n_out = p.shape
+        lo = onnx_ops.symbolic("BitwiseAnd", [p, self.c15], dtype=torch.uint8, shape=[half, n_out], version=18)
+        hi = onnx_ops.symbolic("BitShift", [p, self.c4], {"direction": "RIGHT"}, dtype=torch.uint8, shape=[half, n_out],
+                               version=18)
+        u = onnx_ops.symbolic("Concat", [lo, hi], {"axis": 0}, dtype=torch.uint8, shape=[2 * half, n_out], version=18)
+        if 2 * half != self.k:
+            u = u[: self.k]
+        f = onnx_ops.symbolic("Cast", [u], {"to": 1}, dtype=torch.float32, shape=[self.k, n_out], version=18)
+        f = onnx_ops.symbolic("Sub", [f, self.c8], dtype=torch.float32, shape=[self.k, n_out], version=18)
+        return onnx_ops.symbolic("Cast", [f], {"to": 3}, dtype=torch.int8, shape=[self.k, n_out], version=18)
+
+    def forward(self, x):
+        ops = torch.ops.hf_compress
+        w = self.weight_t()
+        if self.bias is None:
+            return ops.int8_linear_nobias(x, w, self.scale, self.zero).to(x.dtype)
+        return ops.int8_linear(x, w, self.scale, self.zero, self.bias).to(x.dtype)
+
+
 # ---------------------------------------------------------------- checks (before anything is written)
 
 
@@ -265,13 +614,17 @@ def _check_metadata(meta: dict) -> None:
             f"This model was quantised with QATConfig.export={backend!r} ({what}); ONNX has no operator that "
             "computes it. Re-run QAT / quantize_model with export='torch-int8' (per-channel int8, <= 8-bit weights: "
             "exported as integer ONNX ops with the same scales) or export=None (weights on the grid, stored as "
-            "floats: exported exactly as a float model)."
+            "floats: exported exactly; <= 4-bit grids as ONNX Runtime's 4-bit MatMulNBits with the same codes and scales)."
         )
 
 
-def check_exportable(model: nn.Module) -> None:
+def check_exportable(
+    model: nn.Module, int4: str = DEFAULT_INT4, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+) -> dict[str, dict[str, Any]]:
     """ValueError naming the setting and the alternative when `model` has a layer ONNX cannot represent
-    with the numerics it computes in PyTorch. Writes nothing."""
+    with the numerics it computes in PyTorch. Writes nothing. Returns, for the <= 4-bit layers that become
+    MatMulNBits (`int4='matmulnbits'`), {name: {"stored": codes / scales / zero points, "block": block_size}}."""
+    _check_options(int4, accuracy_level)
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise ValueError(f"export_onnx exports a transformers model (or its saved directory); got {type(model).__name__}.")
     _check_metadata(get_metadata(model))
@@ -293,6 +646,15 @@ def check_exportable(model: nn.Module) -> None:
                         f"{name} quantises its input but has no calibrated range yet (QAT still running?). Finish QAT "
                         "(convert at train end) or calibrate with quantize_model before exporting."
                     )
+    out = {}
+    for name, (m, scheme, kind) in _int4_layers(model, int4).items():
+        if isinstance(m, Int8Linear):
+            stored = {"q": m.weight.detach(), "scale": m.weight_scale.detach()[:, None].float(),
+                      "zero": m.weight_zero_point.detach()[:, None]}
+        else:
+            stored = int4_storage(m, scheme, name)
+        out[name] = {"kind": kind, "stored": stored, "block": _nbits_block(scheme, stored["q"].shape[1]) if scheme else None}
+    return out
 
 
 # ---------------------------------------------------------------- export
@@ -326,9 +688,11 @@ def _uses_token_types(model: nn.Module) -> bool:
     return "token_type_ids" in inspect.signature(model.forward).parameters and getattr(model.config, "type_vocab_size", 0) > 0
 
 
-def onnx_ready_copy(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
+def onnx_ready_copy(
+    model: nn.Module, int4: str = DEFAULT_INT4, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+) -> tuple[nn.Module, dict[str, int]]:
     """A copy of `model` whose special layers are the export stand-ins above; counts of each kind."""
-    check_exportable(model)
+    int4_layers = check_exportable(model, int4, accuracy_level)
     attn = getattr(model.config, "_attn_implementation", None)
     model = copy.deepcopy(model).eval()
     # a deep copy of a model whose config hf_compress re-classed (after pruning / quantisation records) comes
@@ -339,9 +703,16 @@ def onnx_ready_copy(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
             cfg._attn_implementation = attn
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in model.state_dict().values()):
         nn.Module.float(model)  # ONNX export in float32 (transformers' own .float() refuses quantised models)
-    counts = {"int8_linear": 0, "input_quant_linear": 0, "fake_quant_weight": 0}
+    counts = {"int8_linear": 0, "input_quant_linear": 0, "fake_quant_weight": 0, "int4_matmulnbits": 0, "int4_int8_gemm": 0}
     for name, m in list(model.named_modules()):
-        if isinstance(m, Int8Linear):
+        if name in int4_layers:
+            d = int4_layers[name]
+            if d["kind"] == "matmulnbits":
+                replace_module(model, name, _Int4LinearOnnx(d["stored"], m.bias, d["block"], accuracy_level))
+            else:
+                replace_module(model, name, _Int4Int8GemmOnnx(d["stored"], m.bias))
+            counts[f"int4_{d['kind']}"] += 1
+        elif isinstance(m, Int8Linear):
             replace_module(model, name, _Int8LinearOnnx(m))
             counts["int8_linear"] += 1
         elif is_fake_quant(m):
@@ -400,6 +771,7 @@ def _output_name(model: nn.Module, inputs) -> str:
 
 def export_onnx(
     model_or_dir, out, *, overwrite: bool = False, opset: int = OPSET, verify: bool = True, source_dir=None,
+    int4: str = DEFAULT_INT4, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
 ) -> dict[str, Any]:
     """Export a (compressed) transformers model, or the directory it was saved to, to ONNX in `out`.
 
@@ -421,9 +793,21 @@ def export_onnx(
     when a model without quantised activations differs by more than 1e-4 · (1 + max|y|). With dynamic
     per-tensor activation quantisation a one-code rounding difference can move a whole tensor's scale, so
     int8 differences are of the size of the quantisation noise: recorded only (docs/onnx.md).
+
+    `int4` (layers whose weights are on a uniform grid of <= 4 bits; a file only ONNX Runtime runs):
+    'matmulnbits' (default) writes the weight-only ones (QAT / PTQ with export=None, group-wise or per
+    channel) as com.microsoft MatMulNBits with our codes and scales (linears ~7x smaller than fp32);
+    'int8-gemm' writes the per-channel ones (and torch-int8 layers with 4-bit codes) as packed 4-bit codes
+    that ONNX Runtime unpacks once at load for its int8 GEMM (DynamicQuantizeMatMul: inputs quantised per
+    tensor at run time, as torch-int8 does), group-wise ones still as MatMulNBits; 'float' writes their
+    weights as floats (standard ONNX, exact). `accuracy_level` of the MatMulNBits nodes: 0 (default: float32
+    input, the weights dequantised exactly; verified to 1e-4 · (1 + max|y|) like a float model) or 4 (the
+    kernel quantises each block of its input to int8; differences of the size of that rounding, recorded
+    only). See docs/onnx.md.
     Returns the dict written to onnx_export.json.
     """
     _require_packages()
+    _check_options(int4, accuracy_level)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: choose a new directory, or pass overwrite=True (--overwrite).")
@@ -432,7 +816,7 @@ def export_onnx(
     model, src = _load(model_or_dir)
     if src is None and source_dir is not None:
         src = Path(source_dir)
-    export_model, counts = onnx_ready_copy(model)  # every refusal happens here, before any file
+    export_model, counts = onnx_ready_copy(model, int4, accuracy_level)  # every refusal happens here, before any file
     inputs = _sample_inputs(model)
     output = _output_name(export_model, inputs)
     names = list(inputs)
@@ -461,14 +845,22 @@ def export_onnx(
             "past_key_values": False, "layers": counts,
             "int8": ("DynamicQuantizeLinear -> MatMulInteger with the model's int8 codes, per-channel scales and zero "
                      "points (torch-int8 numerics)") if counts["int8_linear"] else None,
+            "int4": ({"mode": int4, "codes": "the model's integer codes + 8, packed two per byte; its float32 scales",
+                      "matmulnbits": ({"op": "com.microsoft.MatMulNBits", "bits": 4, "accuracy_level": accuracy_level}
+                                      if counts["int4_matmulnbits"] else None),
+                      "int8_gemm": ("BitwiseAnd/BitShift/Concat/Cast unpack (folded by ONNX Runtime at load) -> "
+                                    "DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul"
+                                    if counts["int4_int8_gemm"] else None)}
+                     if counts["int4_matmulnbits"] or counts["int4_int8_gemm"] else None),
             "source": str(src) if src else None, "hf_compress": get_metadata(model) or None,
         }
         if verify:
             v = info["verification"] = verify_onnx(onnx_path, model, inputs, output, graph_reference=export_model)
-            exact = not counts["int8_linear"] and not counts["input_quant_linear"]
+            exact = not counts["int8_linear"] and not counts["input_quant_linear"] and not counts["int4_int8_gemm"] and not (
+                counts["int4_matmulnbits"] and accuracy_level == 4)
             if exact and v["max_abs_diff"] > 1e-4 * (1 + v["max_abs_reference"]):
                 raise ValueError(
-                    f"ONNX Runtime output differs by {v['max_abs_diff']:.3g} from the PyTorch float model: nothing was "
+                    f"ONNX Runtime output differs by {v['max_abs_diff']:.3g} from the PyTorch model: nothing was "
                     "written (please report this)."
                 )
         (tmp / "onnx_export.json").write_text(json.dumps(info, indent=2) + "\n")

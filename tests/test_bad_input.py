@@ -724,6 +724,11 @@ CASES = {
     "qat-layer-bits-json": (lambda t: QATConfig(layer_bits="{bad"), ValueError, r"layer_bits='\{bad' is not valid JSON"),
     "qat-layer-bits-format": (lambda t: QATConfig(layer_bits="attention"), ValueError, r"write 'regex=bits,regex=bits'"),
     "qat-activation-bits": (lambda t: QATConfig(activation_bits=4), ValueError, r"activation_bits=4: use None"),
+    "qat-embedding-bits": (lambda t: QATConfig(export="torch-int8", embedding_bits=4), ValueError,
+                           r"embedding_bits=4: use None \(float32 word embedding\) or 8"),
+    "qat-embedding-tied": (lambda t: with_callback(t, QATCallback(QATConfig(export="torch-int8", embedding_bits=8)),
+                                                   model=tiny_gpt2()), ValueError,
+                           r"embedding_bits=8: GPT2LMHeadModel .* tied to the output head \(lm_head .*Leave embedding_bits unset"),
     "qat-weight-format": (lambda t: QATConfig(weight_format="fp4"), ValueError, r"weight_format='fp4': use one of"),
     "qat-weight-range": (lambda t: QATConfig(weight_bits=4, weight_range="wide"), ValueError,
                          r"QATConfig\.weight_range='wide': use one of \('restricted', 'full', 'full_no_clip'\)"),
@@ -966,6 +971,28 @@ SENSITIVITY_CASES = {  # sensitivity
     "fragment-sections": (lambda t: fragment_configs({"prune": {}}), ValueError, r"fragment sections \['prune'\]: expected some of"),
 }
 CASES.update(SENSITIVITY_CASES)  # sensitivity
+
+
+# int4 ONNX export (issue 16): export_onnx(int4=..., accuracy_level=...) and the <= 4-bit layers it writes with 4-bit codes
+from hf_compress import quantize_model  # noqa: E402  # onnx-int4
+def _int4_off_grid():  # onnx-int4: int4 weights edited after quantisation (no longer codes x scales)
+    model = quantize_model(tiny_bert(), QATConfig(weight_bits=4, group_size=16))
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight[3, 5] += 1e-3
+    return model
+
+
+ONNX_INT4_CASES = {  # onnx-int4
+    "onnx-int4-mode": (lambda t: _onnx(tiny_bert(), t / "out", int4="int4"), ValueError, r"int4='int4': use 'matmulnbits'"),
+    "onnx-accuracy-level": (lambda t: _onnx(tiny_bert(), t / "out", accuracy_level=2), ValueError, r"accuracy_level=2: use 0"),
+    "onnx-int4-group-size": (lambda t: _onnx(quantize_model(tiny_bert(), QATConfig(weight_bits=4, group_size=8)), t / "out"),
+                             ValueError, r"group_size=8 cannot be a MatMulNBits block.*int4='float'"),
+    "onnx-int4-activation-quant": (lambda t: _onnx(quantize_model(tiny_bert(), QATConfig(weight_bits=4, activation_bits=8,
+                                                                                        observer="dynamic")), t / "out"),
+                                   ValueError, r"has 4-bit weights and quantises its input.*int4='float'"),
+    "onnx-int4-off-grid": (lambda t: _onnx(_int4_off_grid(), t / "out"), ValueError, r"output.dense: its weights .* are not on the 4-bit grid"),
+}
+CASES.update(ONNX_INT4_CASES)  # onnx-int4
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -446,6 +446,11 @@ RAISES = {
         ("export_onnx", "ValueError", 1): R + "a float model exported by torch.onnx runs the same ops in ONNX Runtime; a difference is a bug, checked here.",
         ("export_onnx", "raise", 1): R + "re-raises whatever stopped the export after removing its temporary folder.",
         ("_move_into_place", "raise", 1): R + "re-raises an OS error after putting the previous export back.",
+        ("_check_options", "ValueError", 1): "onnx-int4-mode",  # onnx-int4
+        ("_check_options", "ValueError", 2): "onnx-accuracy-level",  # onnx-int4
+        ("_int4_layers", "ValueError", 1): "onnx-int4-activation-quant",  # onnx-int4
+        ("_int4_layers", "ValueError", 2): "onnx-int4-group-size",  # onnx-int4
+        ("int4_storage", "ValueError", 1): "onnx-int4-off-grid",  # onnx-int4
     },
     "pruning/config.py": {
         ("PruningConfig.__post_init__", "ValueError", 1): "prune-method",
@@ -551,9 +556,13 @@ RAISES = {
             "qat-export", "qat-bits", "qat-activation-bits", "qat-weight-format", "qat-layer-bits-regex", "qat-layer-bits-bits",
             "qat-group-size", "qat-group-size-8bit", "qat-nf4-bits", "qat-nf4-group-size", "qat-nf4-symmetric", "qat-observer",
             "qat-percentile", "qat-averaging", "qat-start-step", "qat-freeze-step", "qat-targets-regex", "qat-export-unavailable",
-            "qat-weight-range"),
+            "qat-weight-range", "qat-embedding-bits"),
         ("QATConfig.__post_init__", "ValueError", 1): ("qat-export-scheme", "qat-export-scheme-bnb", "qat-export-nf4-backend",
                                                        "qat-export-weight-range-bnb"),
+    },
+    "quantization/embedding.py": {
+        ("embedding_target", "ValueError", 1): "qat-embedding-tied",
+        ("check_embedding_record.bad", "ValueError", 1): "load-bad-metadata",
     },
     "quantization/fake_quant.py": {
         ("insert_fake_quant", "ValueError", 1): R + "the plan is built from the same model's modules (build_plan / QATCallback).",

@@ -82,6 +82,8 @@ def reasons(model_or_config, model: nn.Module | None = None) -> list[str]:
     q = meta.get("quantization") or {}
     if q.get("backend"):
         out.append(f"low-bit layers ({q['backend']})")
+        if isinstance(q.get("embedding"), dict) and q["embedding"].get("stored") == "int8":
+            out.append("int8 word embedding (codes + per-row scales)")
     elif any(isinstance(d, dict) and d.get("input_quant") for d in (q.get("layers") or {}).values()):
         out.append("static activation quantisation")
     if stored_sparse(meta):
@@ -274,6 +276,11 @@ def _deferred_layers(model: nn.Module, meta: dict) -> dict[str, str]:
             local = local_name(model, name)
             if local is not None:
                 out[local] = name
+    emb = q.get("embedding")
+    if q.get("backend") and isinstance(emb, dict) and emb.get("stored") == "int8":  # Int8Embedding, built after loading
+        local = local_name(model, emb["name"])
+        if local is not None:
+            out[local] = emb["name"]
     return out
 
 
@@ -364,8 +371,11 @@ def _quantizer_classes():
             if not q or not self._deferred:
                 load_sparse_weights(model, self._meta, self._files)  # hf_compress.storage
                 return model
-            layers = {local: q["layers"][name] for local, name in self._deferred.items()}
-            rebuild_quantized(model, {**q, "layers": layers})
+            layers = {local: q["layers"][name] for local, name in self._deferred.items() if name in q["layers"]}
+            emb = q.get("embedding")  # QATConfig.embedding_bits: the Int8Embedding, under its local name
+            emb_local = next((lo for lo, n in self._deferred.items() if isinstance(emb, dict) and n == emb.get("name")), None)
+            rest = {k: v for k, v in q.items() if k != "embedding"}
+            rebuild_quantized(model, {**rest, "layers": layers, **({"embedding": {**emb, "name": emb_local}} if emb_local else {})})
             attach_listed(model, self._meta)  # sparse low-bit weights decompress in load_state_dict below
             device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
             # checkpoint keys carry the saved model's names, which are the recorded ones

@@ -489,6 +489,13 @@ def check_metadata(skeleton: nn.Module, meta: dict) -> None:
             if (d["in_features"], d["out_features"]) != shape or not isinstance(d.get("bias", False), bool):
                 raise ValueError(f"config.json: quantised layer {name!r} records (in, out) = "
                                  f"({d['in_features']}, {d['out_features']}) but the architecture has {shape}.")
+        if q.get("embedding") is not None:  # QATConfig.embedding_bits: the word embedding stored per row
+            from .quantization.embedding import check_embedding_record
+
+            e = q["embedding"]
+            name = e.get("name") if isinstance(e, dict) else None
+            local = _local(skeleton, name, modules) if isinstance(name, str) else None
+            check_embedding_record(e, modules.get(local) if local is not None else None, name)
     st = meta.get("storage")
     if st is not None:
         if not isinstance(st, dict) or st.get("format") not in (SPARSE_FORMAT, "dense"):
@@ -545,6 +552,12 @@ def check_checkpoint(skeleton: nn.Module, meta: dict, headers: dict, file_bytes:
         local = _local(skeleton, name, modules)
         if local is not None:
             low_bit.add(local + ".")
+    emb = q.get("embedding") if q.get("backend") else None  # int8 word embedding: codes + per-row scales
+    emb_local = None
+    if isinstance(emb, dict) and emb.get("stored") == "int8":
+        emb_local = _local(skeleton, emb["name"], modules)
+        if emb_local is not None:
+            low_bit.add(emb_local + ".")
     listed = set(stored_sparse(meta))
     tied = _tied(skeleton)
     state = skeleton.state_dict(keep_vars=True)
@@ -576,6 +589,14 @@ def check_checkpoint(skeleton: nn.Module, meta: dict, headers: dict, file_bytes:
         name = lb[:-1]
         if on_disk(f"{name}.weight") is None:
             missing.append(f"{name}.weight")
+    if emb_local is not None:
+        want = {"weight": ("I8", (emb["num_embeddings"], emb["embedding_dim"])), "weight_scale": ("F32", (emb["num_embeddings"],))}
+        for part, (dtype, shape) in want.items():
+            k = on_disk(f"{emb_local}.{part}")
+            if k is None:
+                missing.append(f"{emb_local}.{part}")
+            elif k in headers and tuple(headers[k]) != (dtype, shape):
+                wrong.append(f"{k}: file {headers[k][0]} {list(headers[k][1])}, int8 embedding {dtype} {list(shape)}")
     if missing or wrong:
         raise ValueError(
             "The weight files do not fit the model config.json describes "

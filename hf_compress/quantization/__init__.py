@@ -32,6 +32,7 @@ from .fake_quant import (
     restore_layer,
     set_observing,
 )
+from .embedding import Int8Embedding, convert_embedding, embedding_target
 from .numerics import QScheme, dequantize_weight, fake_quantize, fake_quantize_weight, qparams, quantize_weight
 from .observers import Observer
 from .plan import ActScheme, LayerPlan, build_plan, field_of
@@ -39,7 +40,7 @@ from .plan import ActScheme, LayerPlan, build_plan, field_of
 FORMAT_VERSION = 1
 
 __all__ = [
-    "ActScheme", "LayerPlan", "Observer", "QScheme", "build_plan", "commit_observers", "dequantize_weight",
+    "ActScheme", "Int8Embedding", "LayerPlan", "Observer", "QScheme", "build_plan", "commit_observers", "dequantize_weight",
     "convert", "fake_quant_layers", "fake_quantize", "fake_quantize_weight", "get_backend", "insert_fake_quant",
     "is_fake_quant", "observers", "prepare", "qparams", "quantize_model", "quantize_weight", "rebuild_quantized",
     "remove_fake_quant", "set_observing",
@@ -66,7 +67,7 @@ def prepare(model: nn.Module, config) -> dict[str, LayerPlan]:
 
 def convert(
     model: nn.Module, config=None, plan: dict[str, LayerPlan] | None = None, keep_input_quant: bool = False,
-    export: str | None = None,
+    export: str | None = None, embedding_bits: int | None = None,
 ) -> dict[str, Any]:
     """End of QAT or PTQ: make the targeted layers what ships, and record the scheme.
 
@@ -93,6 +94,9 @@ def convert(
         plan.update({n: LayerPlan.from_dict(d) for n, d in recorded.items() if n not in plan})
     if config is not None and export is None:
         export = field_of(config, "export")
+    if config is not None and embedding_bits is None:
+        embedding_bits = field_of(config, "embedding_bits", None)
+    embedding_target(model, bits=embedding_bits)  # refused (tied / not an nn.Embedding) before anything changes
     if any(is_sharded(p) for p in model.parameters()):
         raise ValueError(
             "quantization.convert needs the full model, but its parameters are FSDP2 shards (DTensor): gather "
@@ -136,6 +140,10 @@ def convert(
             replace_module(model, name, backend.convert(m, lp.weight, axis).train(m.training))
         layers[name] = {**lp.to_dict(), **entry}
     meta = {"version": FORMAT_VERSION, "backend": export, "layers": layers}
+    emb = convert_embedding(model, embedding_bits, backend is not None,
+                            get_metadata(model).get("quantization", {}).get("embedding"))
+    if emb is not None:
+        meta["embedding"] = emb
     if hasattr(model, "config"):
         record(model, "quantization", meta)
     return meta
@@ -168,6 +176,9 @@ def rebuild_quantized(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
         return model
     backend = get_backend(export)
     backend.require()
+    emb = meta.get("embedding")
+    if isinstance(emb, dict) and emb.get("stored") == "int8":
+        replace_module(model, emb["name"], Int8Embedding(emb["num_embeddings"], emb["embedding_dim"], emb.get("padding_idx")))
     for name, d in meta["layers"].items():
         lp = LayerPlan.from_dict(d)
         try:

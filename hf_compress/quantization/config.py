@@ -124,6 +124,13 @@ class QATConfig:
                           f"activation_bits=8, observer='dynamic' to match them; bnb-*: bitsandbytes Linear8bitLt / "
                           f"Linear4bit)."},
     )
+    embedding_bits: Optional[int] = field(
+        default=None,
+        metadata={"help": "None: the input word embedding stays float32. 8: at convert (end of QAT, or "
+                          "quantize_model) store it as int8 codes + one float32 scale per row (symmetric; ~1/4 of "
+                          "the float bytes; with export=None its float values are set on that grid). It stays float "
+                          "during QAT. Refused for embeddings tied to an output head (causal LMs)."},
+    )
 
     def __post_init__(self):
         def bad(name, why):
@@ -137,6 +144,9 @@ class QATConfig:
             bad("weight_bits", "supported weight bits are 8 and 4 (2-8 for fake quantisation / torch-int8).")
         if self.activation_bits is not None and (type(self.activation_bits) is not int or self.activation_bits != 8):
             bad("activation_bits", "use None (weights only) or 8.")
+        if self.embedding_bits is not None and (type(self.embedding_bits) is not int or self.embedding_bits != 8):
+            bad("embedding_bits", "use None (float32 word embedding) or 8 (int8 codes + one float32 scale per row); "
+                                  "other widths are not supported.")
         if self.weight_range not in WEIGHT_RANGES:
             bad("weight_range", f"use one of {WEIGHT_RANGES} ('restricted': int4 codes [-7, 7]; 'full': "
                                 "[-8, 7] as torchao; 'full_no_clip': [-8, 7] with torchao's no-clipping scale).")

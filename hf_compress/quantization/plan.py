@@ -99,8 +99,12 @@ def in_features(module: nn.Module) -> int:
 def build_plan(model: nn.Module, config, require: bool = True) -> dict[str, LayerPlan]:
     """{layer name: LayerPlan} for the Linear layers selected by `qat_targets` / `qat_exclude`.
 
-    Raises ValueError when a group size does not tile a layer's input width, and (`require`) when nothing matches.
+    Raises ValueError when a group size does not tile a layer's input width, and (`require`) when nothing matches;
+    with `embedding_bits`, when the input embedding cannot be stored int8 (tied, or not an nn.Embedding).
     """
+    from .embedding import embedding_target
+
+    embedding_target(model, config)
     chosen = select_modules(model, field_of(config, "qat_targets"), field_of(config, "qat_exclude"), field="qat_targets",
                             require=require)
     act = act_scheme(config)

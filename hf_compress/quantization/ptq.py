@@ -102,5 +102,5 @@ def quantize_model(model: nn.Module, config, calib_dataloader: Iterable | None =
             warnings.warn(
                 f"export={export!r} quantises activations at run time: the calibrated static ranges are not used."
             )
-    convert(model, plan=plan, export=export, keep_input_quant=act_quant)
+    convert(model, config, plan=plan, export=export, keep_input_quant=act_quant)
     return model

@@ -166,12 +166,43 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return (q.float() - zero) * scale
 
 
+class _FakeRowsCPU(torch.autograd.Function):
+    """PyTorch's fake-quantisation arithmetic written with vectorised tensor ops (CPU).
+
+    The same float32 steps as the fused kernels — ``Z + round(x · (1/S))`` (round half to even), clamp to
+    [qmin, qmax], ``(q − Z) · S`` — so values and gradients are bit-identical to them for finite inputs
+    (tests/test_numerics_fast.py); on this CPU the fused kernels run element by element (~11 ns per element),
+    these ops 1.2–1.6× faster. A NaN stays NaN (the fused kernels turn it into a grid value) and ±Inf becomes
+    the grid's end, with zero gradient. Backward: the clipped straight-through gradient (``torch.where`` on
+    the saved mask: no float conversion of the mask).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero, qmin: int, qmax: int):
+        v = torch.round(x * torch.reciprocal(scale))
+        v.add_(zero)
+        q = v.clamp(qmin, qmax)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(q == v)
+        return q.sub_(zero).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad, 0.0), None, None, None, None
+
+
 def _fake_rows(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Fused quantise → dequantise of a float32 [rows, k] tensor, one (S, Z) per row or one for all.
 
-    PyTorch's fake-quantisation kernels: one pass, with the clipped straight-through gradient built in
-    (identity where Z + round(x/S) lies in [qmin, qmax], zero elsewhere) and no gradient to S or Z.
+    PyTorch's fake-quantisation kernels (on CPU the same arithmetic with vectorised ops, `_FakeRowsCPU`):
+    the clipped straight-through gradient built in (identity where Z + round(x/S) lies in [qmin, qmax],
+    zero elsewhere) and no gradient to S or Z.
     """
+    if x.device.type == "cpu" and type(x) is torch.Tensor:
+        s = scale.reshape(()) if scale.numel() == 1 else scale.reshape(-1, 1)
+        z = zero.reshape(()) if zero.numel() == 1 else zero.reshape(-1, 1)
+        return _FakeRowsCPU.apply(x, s.float(), z.float(), qmin, qmax)
     if scale.numel() == 1:
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero.reshape(()).int(), qmin, qmax)
     return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1), zero.reshape(-1).int(), 0, qmin, qmax)

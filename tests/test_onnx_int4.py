@@ -295,6 +295,23 @@ def test_cli_export_writes_matmulnbits(tmp_path, capsys):
     _check_weights_exact(model, tmp_path / "onnx")
 
 
+def test_cli_int4_and_accuracy_level_options(tmp_path):
+    """`hf-compress export --int4 int8-gemm` writes the int8-GEMM form (as export_onnx(int4='int8-gemm')); a bad
+    --accuracy-level is refused by the parser before anything is written."""
+    from hf_compress.cli import main
+
+    model = quantize_model(tiny_bert(layers=2, hidden=64, ffn=128), _int4_config("restricted", "channel"))
+    model.save_pretrained(tmp_path / "model")
+    assert main(["export", str(tmp_path / "model"), "--onnx", str(tmp_path / "gemm"), "--int4", "int8-gemm"]) == 0
+    layers = json.loads((tmp_path / "gemm" / "onnx_export.json").read_text())["layers"]
+    assert layers["int4_int8_gemm"] == 12 and layers.get("int4_matmulnbits", 0) == 0
+    assert main(["export", str(tmp_path / "model"), "--onnx", str(tmp_path / "nbits"), "--accuracy-level", "4"]) == 0
+    assert json.loads((tmp_path / "nbits" / "onnx_export.json").read_text())["layers"]["int4_matmulnbits"] == 12
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "model"), "--onnx", str(tmp_path / "bad"), "--accuracy-level", "2"])
+    assert not (tmp_path / "bad").exists()
+
+
 # ---------------------------------------------------------------- int8-gemm: per-channel codes for ORT's int8 GEMM
 
 

@@ -9,6 +9,7 @@ EPILOG = """\
 examples:
   hf-compress export runs/sst2_minilm/model --onnx runs/sst2_minilm/onnx
   hf-compress export runs/sst2_minilm/model --onnx runs/sst2_minilm/onnx --overwrite
+  hf-compress export runs/int4/model --onnx runs/int4/onnx --int4 int8-gemm
 
 Writes OUT/model.onnx (inputs input_ids, attention_mask[, token_type_ids]; output logits; dynamic batch and
 sequence; no past key values), OUT/config.json, the tokenizer files of DIR and OUT/onnx_export.json.
@@ -27,6 +28,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (the old one goes only once the new one is complete)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: hf_compress.onnx.OPSET)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check against the PyTorch model")
+    p.add_argument("--int4", choices=("matmulnbits", "int8-gemm", "float"), default=None,
+                   help="how <= 4-bit weight-only layers are written (default: hf_compress.onnx.DEFAULT_INT4): "
+                        "'matmulnbits' = ONNX Runtime's 4-bit MatMulNBits with our codes and scales; 'int8-gemm' = "
+                        "per-channel 4-bit codes unpacked at load for ONNX Runtime's int8 GEMM (the faster on CPU, "
+                        "docs/onnx.md); 'float' = weights as floats (exact, not smaller)")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 4), default=None,
+                   help="MatMulNBits compute: 0 = float32 input, exact dequantisation (default); 4 = input blocks as int8")
     return p
 
 
@@ -34,7 +42,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..loading import load_pretrained
-    from ..onnx import OPSET, export_onnx
+    from ..onnx import DEFAULT_ACCURACY_LEVEL, DEFAULT_INT4, OPSET, export_onnx
 
     src = Path(args.dir)
     if not (src / "config.json").is_file():
@@ -48,7 +56,9 @@ def run(args) -> int:
 
     check_exportable_config(AutoConfig.from_pretrained(src))  # refuse bitsandbytes before loading it
     model = load_pretrained(src)
-    info = export_onnx(model, out, source_dir=src, overwrite=args.overwrite, opset=args.opset or OPSET, verify=not args.no_verify)
+    info = export_onnx(model, out, source_dir=src, overwrite=args.overwrite, opset=args.opset or OPSET, verify=not args.no_verify,
+                       int4=args.int4 or DEFAULT_INT4,
+                       accuracy_level=DEFAULT_ACCURACY_LEVEL if args.accuracy_level is None else args.accuracy_level)
     v = info.get("verification")
     print(f"wrote {out / 'model.onnx'} (inputs {', '.join(info['inputs'])}; output {info['output']}; "
           f"layers {json.dumps(info['layers'])})")

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .numerics import QScheme, dequantize, fake_quantize_weight, quantize_weight
-from .plan import field_of
 
 EMBEDDING_BITS = (8,)
 # symmetric, one scale per row (axis 0), int8 codes in [-127, 127]
@@ -61,18 +60,13 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}{pad}, int8 per-row"
 
 
-def _bits(config) -> int | None:
-    return field_of(config, "embedding_bits", None) if config is not None else None
-
-
-def embedding_target(model: nn.Module, config=None, bits: int | None = None) -> tuple[str, nn.Module] | None:
+def embedding_target(model: nn.Module, bits: int | None = None) -> tuple[str, nn.Module] | None:
     """(name, module) of the input word embedding `embedding_bits` quantises, or None when it is unset.
 
     ValueError (naming QATConfig.embedding_bits and the fix) when the model has no plain ``nn.Embedding``
     input embedding, or when that table is tied to an output head. Writes nothing: called by build_plan
     (QATCallback before training, quantize_model before calibrating) and again by convert.
     """
-    bits = bits if bits is not None else _bits(config)
     if bits is None:
         return None
     get = getattr(model, "get_input_embeddings", None)

@@ -102,9 +102,9 @@ def build_plan(model: nn.Module, config, require: bool = True) -> dict[str, Laye
     Raises ValueError when a group size does not tile a layer's input width, and (`require`) when nothing matches;
     with `embedding_bits`, when the input embedding cannot be stored int8 (tied, or not an nn.Embedding).
     """
-    from .embedding import embedding_target
+    from .embedding import embedding_target  # embedding.py imports nothing of plan.py: no cycle
 
-    embedding_target(model, config)
+    embedding_target(model, bits=field_of(config, "embedding_bits"))
     chosen = select_modules(model, field_of(config, "qat_targets"), field_of(config, "qat_exclude"), field="qat_targets",
                             require=require)
     act = act_scheme(config)

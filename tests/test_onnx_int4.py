@@ -34,6 +34,7 @@ from hf_compress.modules import out_axis  # noqa: E402
 from hf_compress.onnx import check_exportable, export_onnx, onnx_ready_copy, ort_session  # noqa: E402
 from hf_compress.quantization import fake_quantize_weight, is_fake_quant, prepare  # noqa: E402
 from helpers import TokenDataset, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
+from test_onnx import _ort, _torch  # noqa: E402  # PyTorch / ONNX Runtime logits of a batch: one home
 
 MSFT = "com.microsoft"
 
@@ -47,19 +48,6 @@ def _inputs(model, n=5, length=11, seed=7):
     if "token_type_ids" in inspect.signature(model.forward).parameters and getattr(model.config, "type_vocab_size", 0):
         batch["token_type_ids"] = torch.zeros_like(d.ids)
     return batch
-
-
-def _torch(model, batch):
-    kw = dict(batch)
-    if hasattr(model, "generate"):
-        kw["use_cache"] = False
-    with torch.no_grad():
-        return model(**kw).logits.float()
-
-
-def _ort(out, batch):
-    sess = ort_session(out)
-    return torch.from_numpy(sess.run(None, {i.name: batch[i.name].numpy() for i in sess.get_inputs()})[0])
 
 
 def _graph(out):

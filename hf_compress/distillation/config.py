@@ -43,7 +43,8 @@ class DistillationConfig:
 
     Classification: ``loss = (1 − alpha)·CE(s, y) + alpha·T²·KL(softmax(t/T) ‖ softmax(s/T))``
     (+ ``hidden_loss_weight·hidden + attention_loss_weight·attention``); without labels the KD term
-    ``T²·KL`` alone. Token-level / causal-LM models: the same per position over the positions whose
+    ``T²·KL`` alone. Rows labelled −100 count in neither term unless ``distill_unlabeled`` (a transfer set
+    of unlabelled text: then they get the KD term). Token-level / causal-LM models: the same per position over the positions whose
     label is not −100 (after the causal shift); the CE term is the model's own loss.
     """
 
@@ -59,6 +60,7 @@ class DistillationConfig:
     teacher_weights: Optional[list[float]] = field(default=None, metadata={"help": "Weights (≥ 0) of several teachers; the soft targets are the weighted mean of their probabilities. Default: equal weights."})
     check_finite: bool = field(default=True, metadata={"help": "Stop with an error naming the first step and the loss part that were NaN/Inf. Checked on the device every micro-batch; read back (one host sync, under DDP one small all-gather) only at steps that log, save or evaluate, at epoch ends, at the end of training and every check_finite_steps steps."})
     check_finite_steps: int = field(default=0, metadata={"help": "With check_finite: also read the device-side NaN/Inf flag back every this many optimizer steps (1 = every step); 0 (default) = only at steps that log, save or evaluate, at epoch ends and at the end of training."})
+    distill_unlabeled: bool = field(default=False, metadata={"help": "Sequence classification: rows labelled -100 (unlabelled text mixed into train_dataset as a transfer set, the teacher's logits online or cached) get the KD term, so the teacher labels them; the KD term then averages over every row and the CE term over the labelled rows. False (default): -100 rows count in neither term, as the stock Trainer's CE ignores them. Not for token-level or causal-LM models (there -100 marks prompt and padding positions)."})
     kd_chunk_size: Optional[int] = field(default=None, metadata={"help": "Token-level / causal-LM KD loss: positions per chunk, so that no float32 batch×length×vocabulary tensor of teacher or student is built (same value and gradient as unchunked). None (default) = automatic: at most 2^24 logits per chunk (128 tokens at a 128k vocabulary) and at least 8 chunks; 0 = off (the whole batch at once)."})
 
     def __post_init__(self):
@@ -73,6 +75,8 @@ class DistillationConfig:
             raise ValueError(f"`hidden_loss`={self.hidden_loss!r}: choose one of {HIDDEN_LOSSES}.")
         self.layer_map = self._parse_layer_map(self.layer_map)
         self.check_finite_steps = _count("check_finite_steps", self.check_finite_steps)
+        if not isinstance(self.distill_unlabeled, bool):
+            raise ValueError(f"`distill_unlabeled`={self.distill_unlabeled!r} must be True or False.")
         if self.kd_chunk_size is not None:
             self.kd_chunk_size = _count("kd_chunk_size", self.kd_chunk_size)
         if self.teacher_weights is not None:

@@ -15,6 +15,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -170,6 +171,9 @@ class DistillationTrainer(Trainer):
     Gradient accumulation: when the Trainer counts the labelled items of the accumulated batch
     (`num_items_in_batch`), the CE and KD terms are sums over this micro-batch divided by that count, so
     uneven micro-batches add up to one mean over the whole batch, as the stock Trainer's loss does.
+
+    Unlabelled rows (label −100): ignored by both terms, unless ``distill_unlabeled=True`` (classification),
+    which makes them a transfer set: the KD term averages over every row, the CE term over labelled rows.
     """
 
     # compute_loss returns this micro-batch's share of the step's loss: the Trainer must not divide it again
@@ -301,6 +305,8 @@ class DistillationTrainer(Trainer):
                 )
         if cached:
             self._validate_cache(kind, width)
+        if cfg.distill_unlabeled:
+            self._validate_unlabeled(kind, cfg)
         if not cfg.uses_intermediate:
             return {}
         teacher = _base(teachers[0])
@@ -352,6 +358,25 @@ class DistillationTrainer(Trainer):
                 "the cache comes from a teacher with another label set / vocabulary."
             )
 
+    def _validate_unlabeled(self, kind: str, cfg: DistillationConfig) -> None:
+        if kind != "num_labels" or self._token_level_head():
+            raise ValueError(
+                f"distill_unlabeled=True applies to sequence classification, but the student is "
+                f"{type(_base(self.model)).__name__}: token-level and language-model labels of -100 mark prompt and "
+                "padding positions, which are never distilled. Set distill_unlabeled=False."
+            )
+        if cfg.alpha == 0:
+            raise ValueError(
+                "distill_unlabeled=True with alpha=0: the KD term has no weight, so the unlabelled rows would teach "
+                "nothing. Set alpha > 0 (e.g. 0.5), or distill_unlabeled=False."
+            )
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            what = "label_smoothing_factor > 0" if self.label_smoother is not None else "compute_loss_func="
+            raise ValueError(
+                f"distill_unlabeled=True computes the CE term over the labelled rows itself, which {what} would "
+                f"replace: drop {what}, or set distill_unlabeled=False."
+            )
+
     def _token_level_head(self) -> bool:
         return self._causal or "TokenClassification" in type(_base(self.model)).__name__
 
@@ -386,8 +411,11 @@ class DistillationTrainer(Trainer):
         inputs = dict(inputs)
         cache = {c: inputs.pop(c) for c in COLUMNS if c in inputs}
         labels = inputs.get("labels")
+        # distill_unlabeled: the CE over the labelled rows is computed here (a micro-batch of unlabelled
+        # rows would make the model's own mean 0/0), so the model gets no labels
+        unlabelled = cfg.distill_unlabeled and labels is not None
         custom_hard = labels is not None and (self.label_smoother is not None or self.compute_loss_func is not None)
-        student_inputs = {k: v for k, v in inputs.items() if not (custom_hard and k == "labels")}
+        student_inputs = {k: v for k, v in inputs.items() if not ((custom_hard or unlabelled) and k == "labels")}
         want = {}
         if cfg.hidden_loss_weight > 0:
             want["output_hidden_states"] = True
@@ -398,14 +426,16 @@ class DistillationTrainer(Trainer):
         local = None
         if count is not None and not custom_hard:
             local = self._local_count(inputs, labels)
-            if self.model_accepts_loss_kwargs:  # models that honour it return 0, not NaN, with nothing to count
+            if self.model_accepts_loss_kwargs and not unlabelled:  # models that honour it return 0, not NaN, with nothing to count
                 want["num_items_in_batch"] = local.clamp_min(1)
 
         outputs = model(**student_inputs, **want)
         want.pop("num_items_in_batch", None)
         ga = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
         parts: dict[str, torch.Tensor] = {}
-        if labels is not None:
+        if unlabelled:
+            parts["hard"] = self._labelled_ce(outputs.logits, labels, count, ga)
+        elif labels is not None:
             parts["hard"] = self._hard_loss(outputs, labels, num_items_in_batch if count is not None else None, local, count, ga)
         need_soft = labels is None or cfg.alpha > 0
         run_teacher = self.teachers and ((need_soft and not cache) or cfg.uses_intermediate)
@@ -417,8 +447,10 @@ class DistillationTrainer(Trainer):
                 with torch.no_grad():
                     t_outputs.append(t(**{k: v for k, v in inputs.items() if k in accepted}, **want))
         if need_soft:
-            soft = self._soft_loss(outputs.logits, t_outputs, cache, labels, inputs.get("attention_mask"), count)
-            parts["soft"] = soft * self._world_factor() if count is not None else soft / ga
+            # the KD term's count: every row of the accumulated batch with distill_unlabeled, else the labelled ones
+            soft_count = getattr(self, "_rows_in_batch", None) if unlabelled and count is not None else None if unlabelled else count
+            soft = self._soft_loss(outputs.logits, t_outputs, cache, labels, inputs.get("attention_mask"), soft_count)
+            parts["soft"] = soft * self._world_factor() if soft_count is not None else soft / ga
         if cfg.uses_intermediate:  # per-micro-batch means over real tokens
             mask = inputs.get("attention_mask")
             if cfg.hidden_loss_weight > 0:
@@ -462,6 +494,25 @@ class DistillationTrainer(Trainer):
         if "shift_labels" in inputs:
             return inputs["shift_labels"].ne(-100).sum()
         return (labels[..., 1:] if self._causal else labels).ne(-100).sum()
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's batches and labelled-item count; with distill_unlabeled also the accumulated batch's
+        row count (summed over ranks as the Trainer sums its count), the KD term's denominator."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.distillation_config.distill_unlabeled:
+            rows = torch.tensor(sum(int(b["labels"].shape[0]) for b in batch_samples if "labels" in b), device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                rows = self.accelerator.gather(rows).sum()
+            self._rows_in_batch = rows
+        return batch_samples, num_items_in_batch
+
+    def _labelled_ce(self, logits, labels, count, ga) -> torch.Tensor:
+        """distill_unlabeled: CE summed over the labelled rows, divided by the accumulated batch's labelled count
+        (or this micro-batch's, over the accumulation steps, when the Trainer counted none); 0 without any."""
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        if count is not None:
+            return ce / torch.as_tensor(count, device=ce.device).clamp_min(1) * self._world_factor()
+        return ce / labels.ne(-100).sum().clamp_min(1) / ga
 
     def _world_factor(self) -> int:
         """Like the stock Trainer: with a count summed over ranks, undo the DDP gradient mean."""
@@ -508,8 +559,8 @@ class DistillationTrainer(Trainer):
                 indices = None if indices is None else indices[:, :-1]
             else:
                 mask = L.token_mask(labels, attention_mask)
-        elif count is not None:
-            mask = labels.ne(-100)  # classification rows the Trainer counted
+        elif labels is not None and not cfg.distill_unlabeled:
+            mask = labels.ne(-100)  # classification rows the CE term counts
         return L.kd_loss(s_logits, t_logp, cfg.kd_loss, cfg.temperature, cfg.beta, mask, indices, num_items=count)
 
     def _chunked_soft_loss(self, s_logits, t_outputs, cache, labels, attention_mask, count=None) -> torch.Tensor:

@@ -15,6 +15,10 @@ Protocol (issue 16, "a budget that lets methods converge"; shared pieces in benc
 - reported: SST-2 validation accuracy (all 872 rows) mean ± sample std, min/max over seeds 42-44;
   retention = mean / teacher; KD − no-KD difference per seed (same seed = same data order) with its
   spread, and whether it is outside seed noise.
+- transfer set ("+ 16k unlabelled"): the 16,000 SST-2 train rows after the dev slice in the same
+  permutation, labels hidden (-100), mixed into the 8,000 (DistillationConfig.distill_unlabeled: the
+  teacher's logits are their only target); the same 750 steps are then one epoch of 24,000 rows. The
+  no-KD baseline cannot use them: that is the point of the row, and the comparison says so.
 - logit-only KD runs train on the teacher's logits cached once (``cache_teacher_logits`` with
   k = num_labels = 2, so the cache is exact for the eval-mode teacher): the same loss as online KD
   at the cost of a plain step. Hidden-state matching needs the teacher online.
@@ -81,6 +85,9 @@ METHODS = {
     "KD logits T=4 a=0.9": dict(kd=dict(temperature=4.0, alpha=0.9)),
     "KD T=2 a=0.5 + hidden MSE": dict(kd=dict(temperature=2.0, alpha=0.5, hidden_loss_weight=1.0)),
     "KD T=2 a=0.5, init [0,3,5]": dict(kd=dict(temperature=2.0, alpha=0.5), layers=[0, 3, 5]),
+    # a transfer set: 16,000 further SST-2 train sentences with their labels hidden (-100), labelled by the
+    # teacher only (DistillationConfig.distill_unlabeled); the same 750 steps = 1 epoch of the 24,000 rows
+    "KD T=2 a=0.5 + 16k unlabelled": dict(kd=dict(temperature=2.0, alpha=0.5, distill_unlabeled=True), transfer_rows=16000),
 }
 HEADLINE = ["no KD", "KD logits T=2 a=0.5"]
 # --------------------------------------------------------------------------------------------------
@@ -103,6 +110,8 @@ def run_key(method: str, lr: float, seed: int, sizes: dict, quick: bool) -> str:
     settings = dict(kd=spec.get("kd"), layers=spec.get("layers", LAYERS), batch=BATCH, max_len=common.MAX_LEN,
                     dev_rows=sizes["dev_rows"], eval_rows=sizes["eval_rows"],
                     teacher=f"{sizes['teacher_train']}-e{sizes['teacher_epochs']}")
+    if spec.get("transfer_rows"):  # only then: the other methods' keys (and cached runs) stay as they were
+        settings["transfer_rows"] = transfer_rows(spec, sizes)
     h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
     return (("quick__" if quick else "") + f"{slug(method)}__lr{lr:.0e}__seed{seed}__steps{sizes['steps']}"
             f"__rows{sizes['train']}__{h}")
@@ -167,16 +176,22 @@ def plan(sizes: dict, quick: bool) -> list[dict]:
 
 # ---- data, teacher --------------------------------------------------------------------------------
 
-def dev_split(tok, n_train: int, n_dev: int):
+def dev_split(tok, n_train: int, n_dev: int, unlabelled: bool = False):
     """SST-2 train rows n_train..n_train+n_dev of the seed-0 permutation: disjoint from the training
-    subset (its first n_train rows) and from the validation set we report on."""
+    subset (its first n_train rows) and from the validation set we report on. `unlabelled`: labels -100."""
     from datasets import Dataset
 
     rows = common.read_jsonl(common.data_dir() / "sst2" / "train.jsonl")
     pick = np.random.RandomState(0).permutation(len(rows))[n_train:n_train + n_dev]
-    ds = Dataset.from_list([rows[i] for i in sorted(pick)])
+    ds = Dataset.from_list([dict(rows[i], label=-100) if unlabelled else rows[i] for i in sorted(pick)])
     return ds.map(lambda b: tok(b["sentence"], truncation=True, max_length=common.MAX_LEN), batched=True,
                   remove_columns=["sentence"])
+
+
+def transfer_rows(spec: dict, sizes: dict) -> int:
+    """Unlabelled rows of a transfer-set method (a 64th of them with --quick sizes)."""
+    n = spec.get("transfer_rows") or 0
+    return n if sizes["steps"] >= 100 else max(n // 250, 8)
 
 
 class Setup:
@@ -189,7 +204,7 @@ class Setup:
         self.teacher.eval()
         self.train_ds, self.val_ds = common.sst2(self.tok, sizes["train"], sizes["eval_rows"])
         self.dev_ds = dev_split(self.tok, sizes["train"], sizes["dev_rows"])
-        self._cached = None
+        self._cached = {}
 
     def teacher_scores(self) -> dict:
         path = cache_dir(self.quick) / f"teacher__rows{self.sizes['train']}__dev{self.sizes['dev_rows']}__e{self.sizes['teacher_epochs']}.json"
@@ -201,15 +216,21 @@ class Setup:
         save_json(path, out)
         return out
 
-    def cached_logits(self):
-        """The training set with the teacher's exact logits (k = 2 classes), computed once and kept on disk."""
-        if self._cached is None:
-            from datasets import load_from_disk
+    def cached_logits(self, transfer: int = 0):
+        """The training set with the teacher's exact logits (k = 2 classes), computed once and kept on disk;
+        `transfer` > 0: plus that many unlabelled SST-2 train rows after the dev slice (label -100)."""
+        if transfer not in self._cached:
+            from datasets import concatenate_datasets, load_from_disk
 
-            path = cache_dir(self.quick) / f"teacher-logits__rows{self.sizes['train']}__e{self.sizes['teacher_epochs']}"
+            path = cache_dir(self.quick) / (f"teacher-logits__rows{self.sizes['train']}__e{self.sizes['teacher_epochs']}"
+                                            + (f"__transfer{transfer}" if transfer else ""))
             if not (path / "dataset_info.json").exists():
                 t = time.perf_counter()
-                ds = cache_teacher_logits(self.teacher, self.train_ds, k=self.teacher.config.num_labels, batch_size=64)
+                data = self.train_ds
+                if transfer:
+                    extra = dev_split(self.tok, self.sizes["train"] + self.sizes["dev_rows"], transfer, unlabelled=True)
+                    data = concatenate_datasets([data, extra.cast(data.features)])
+                ds = cache_teacher_logits(self.teacher, data, k=self.teacher.config.num_labels, batch_size=64)
                 tmp = path.with_name(path.name + f".tmp{os.getpid()}")
                 ds.save_to_disk(str(tmp))
                 try:
@@ -218,8 +239,8 @@ class Setup:
                 except OSError:  # another process (--only in parallel) put it there first: use theirs
                     shutil.rmtree(tmp, ignore_errors=True)
                 print(f"[protocol] cached the teacher's logits on {len(ds)} rows in {time.perf_counter() - t:.0f} s", flush=True)
-            self._cached = load_from_disk(str(path))
-        return self._cached
+            self._cached[transfer] = load_from_disk(str(path))
+        return self._cached[transfer]
 
 
 # ---- one run --------------------------------------------------------------------------------------
@@ -230,7 +251,10 @@ def run_one(setup: Setup, method: str, lr: float, seed: int, key: str | None, st
     sizes = setup.sizes
     steps = steps or sizes["steps"]
     live = online(spec)
-    data = setup.cached_logits() if spec.get("kd") is not None and not live else setup.train_ds  # one-off, not timed
+    transfer = transfer_rows(spec, sizes)
+    if transfer and live:
+        raise ValueError(f"{method}: a transfer set runs on cached logits here; drop hidden/attention matching")
+    data = setup.cached_logits(transfer) if spec.get("kd") is not None and not live else setup.train_ds  # one-off, not timed
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = student_from_teacher(setup.teacher, layers=spec.get("layers", LAYERS))
@@ -247,6 +271,7 @@ def run_one(setup: Setup, method: str, lr: float, seed: int, key: str | None, st
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     out = dict(
         key=key, method=method, lr=lr, seed=seed, steps=steps, rows=sizes["train"], layers=spec.get("layers", LAYERS),
+        transfer_rows=transfer or None,
         kd=spec.get("kd"), teacher_online=online(spec) if spec.get("kd") else None,
         dev_accuracy=common.accuracy(model, setup.dev_ds, setup.tok) if evaluate else None,
         val_accuracy=common.accuracy(model, setup.val_ds, setup.tok) if evaluate else None,

@@ -12,6 +12,9 @@ under bf16 autocast F.linear casts the grid values to bf16, exactly as it casts 
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +23,28 @@ from ..modules import out_axis
 from .numerics import fake_quantize, fake_quantize_weight, qparams
 from .observers import Observer
 from .plan import LayerPlan
+
+
+_LAST = threading.local()  # the last dynamic input and its grid values (weak references only)
+
+
+def _dynamic_input(x: torch.Tensor, act) -> torch.Tensor:
+    """`x` on the grid of its own range. Layers fed the very same tensor (BERT's query / key / value, a
+    LLaMA's q/k/v and gate/up projections) share one result: same values, and one straight-through node
+    whose gradient is the sum of theirs. Reused only while `x` is unchanged (same object and version), the
+    grid is the same and the result is still alive; never while compiling."""
+    key = (act.bits, act.symmetric, act.qmin, act.qmax, torch.is_grad_enabled(), x._version)
+    last = getattr(_LAST, "entry", None)
+    if last is not None and last[0]() is x and last[1] == key and not torch.compiler.is_compiling():
+        out = last[2]()
+        if out is not None:
+            return out
+    with torch.no_grad():
+        scale, zero = qparams(*torch.aminmax(x.detach()), act.bits, act.symmetric)
+    out = fake_quantize(x, scale, zero, act.qmin, act.qmax)
+    if not torch.compiler.is_compiling():
+        _LAST.entry = (weakref.ref(x), key, weakref.ref(out))
+    return out
 
 
 class FakeQuantMixin:
@@ -34,9 +59,7 @@ class FakeQuantMixin:
         if act is None:
             return x
         if act.observer == "dynamic":  # this tensor's own range, as the int8 CPU kernels do at run time
-            with torch.no_grad():
-                scale, zero = qparams(*torch.aminmax(x.detach()), act.bits, act.symmetric)
-            return fake_quantize(x, scale, zero, act.qmin, act.qmax)
+            return _dynamic_input(x, act)
         obs = self.input_observer
         if obs.observe_in_eval:  # PTQ calibration: ranges of the float inputs, nothing quantised yet
             return obs(x)

@@ -175,19 +175,34 @@ class _FakeRowsCPU(torch.autograd.Function):
     these ops 1.2–1.6× faster. A NaN stays NaN (the fused kernels turn it into a grid value) and ±Inf becomes
     the grid's end, with zero gradient. Backward: the clipped straight-through gradient (``torch.where`` on
     the saved mask: no float conversion of the mask).
+
+    Most calls clip nothing (a dynamic or symmetric "restricted" scale maps the tensor's own range inside
+    the grid): one min/max pass over the codes finds that out, and then the clamp is the identity and the
+    gradient passes unchanged, so neither the clamp, the mask nor the backward `where` is computed (same
+    values and gradients; a NaN or ±Inf code takes the clamping path). With Z = 0 the final ``− Z`` is
+    skipped (``q − 0 = q`` bit for bit: q is never −0.0 after ``+ Z``).
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero, qmin: int, qmax: int):
         v = torch.round(x * torch.reciprocal(scale))
         v.add_(zero)
-        q = v.clamp(qmin, qmax)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(q == v)
-        return q.sub_(zero).mul_(scale)
+        lo, hi = torch.aminmax(v)
+        ctx.clipped = not (bool(lo >= qmin) and bool(hi <= qmax))  # NaN compares False: clamping path
+        if ctx.clipped:
+            q = v.clamp(qmin, qmax)
+            if ctx.needs_input_grad[0]:
+                ctx.save_for_backward(q == v)
+        else:
+            q = v
+        if bool(zero.any()):
+            q.sub_(zero)
+        return q.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
+        if not ctx.clipped:
+            return grad, None, None, None, None
         (inside,) = ctx.saved_tensors
         return torch.where(inside, grad, 0.0), None, None, None, None
 

@@ -503,6 +503,9 @@ class DistillationTrainer(Trainer):
             rows = torch.tensor(sum(int(b["labels"].shape[0]) for b in batch_samples if "labels" in b), device=device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 rows = self.accelerator.gather(rows).sum()
+            # ranks holding the same batch (tensor / context / sequence parallel) counted it more than once
+            for size in ("get_tp_size", "get_cp_size", "get_sp_size"):
+                rows = rows / (getattr(self, size, lambda: 1)() or 1)
             self._rows_in_batch = rows
         return batch_samples, num_items_in_batch
 

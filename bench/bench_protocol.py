@@ -88,6 +88,7 @@ METHODS = {
     # a transfer set: 16,000 further SST-2 train sentences with their labels hidden (-100), labelled by the
     # teacher only (DistillationConfig.distill_unlabeled); the same 750 steps = 1 epoch of the 24,000 rows
     "KD T=2 a=0.5 + 16k unlabelled": dict(kd=dict(temperature=2.0, alpha=0.5, distill_unlabeled=True), transfer_rows=16000),
+    "KD T=4 a=0.9 + 16k unlabelled": dict(kd=dict(temperature=4.0, alpha=0.9, distill_unlabeled=True), transfer_rows=16000),
 }
 HEADLINE = ["no KD", "KD logits T=2 a=0.5"]
 # --------------------------------------------------------------------------------------------------

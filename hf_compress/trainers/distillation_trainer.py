@@ -225,6 +225,7 @@ class DistillationTrainer(Trainer):
             self.add_callback(_FiniteCheck(self))
         self._part_sums: dict[str, torch.Tensor] = {}
         self._part_count = 0.0  # optimizer steps since the last log (each micro-batch adds 1 / accumulation steps)
+        self._rows_in_batch = None  # distill_unlabeled: rows of the accumulated batch (get_batch_samples)
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -447,8 +448,8 @@ class DistillationTrainer(Trainer):
                 with torch.no_grad():
                     t_outputs.append(t(**{k: v for k, v in inputs.items() if k in accepted}, **want))
         if need_soft:
-            # the KD term's count: every row of the accumulated batch with distill_unlabeled, else the labelled ones
-            soft_count = getattr(self, "_rows_in_batch", None) if unlabelled and count is not None else None if unlabelled else count
+            # the KD term's count: the labelled items, or with distill_unlabeled every row of the accumulated batch
+            soft_count = (self._rows_in_batch if count is not None else None) if unlabelled else count
             soft = self._soft_loss(outputs.logits, t_outputs, cache, labels, inputs.get("attention_mask"), soft_count)
             parts["soft"] = soft * self._world_factor() if soft_count is not None else soft / ga
         if cfg.uses_intermediate:  # per-micro-batch means over real tokens

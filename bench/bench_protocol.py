@@ -64,7 +64,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from hf_compress import DistillationConfig, DistillationTrainer, cache_teacher_logits, student_from_teacher  # noqa: E402
+from hf_compress import (  # noqa: E402
+    DistillationConfig, DistillationTrainer, PruningCallback, PruningConfig, cache_teacher_logits, student_from_teacher,
+)
 
 # ---- the protocol (edit here) --------------------------------------------------------------------
 LAYERS = [0, 2, 4]                 # default student init: teacher blocks
@@ -89,6 +91,18 @@ METHODS = {
     # teacher only (DistillationConfig.distill_unlabeled); the same 750 steps = 1 epoch of the 24,000 rows
     "KD T=2 a=0.5 + 16k unlabelled": dict(kd=dict(temperature=2.0, alpha=0.5, distill_unlabeled=True), transfer_rows=16000),
     "KD T=4 a=0.9 + 16k unlabelled": dict(kd=dict(temperature=4.0, alpha=0.9, distill_unlabeled=True), transfer_rows=16000),
+    # pruning (issue 16's retention targets): the whole fine-tuned teacher, pruned while it keeps training for
+    # the same 750 steps with KD from its dense self (cached logits, the best KD setting above). Cubic schedule
+    # from step 0 to 60% of the steps (mask updates every 2%), then 40% recovery at the final sparsity.
+    # One LR (no sweep: retention is against the teacher, no baseline to tune against); `target` = the goal.
+    "prune 80% + KD T=4 a=0.9": dict(kd=dict(temperature=4.0, alpha=0.9), layers=list(range(6)), lrs=[1e-4],
+                                     prune=[dict(target_sparsity=0.8, method="magnitude", granularity="unstructured")],
+                                     target=0.97),
+    "prune 90% + KD T=4 a=0.9": dict(kd=dict(temperature=4.0, alpha=0.9), layers=list(range(6)), lrs=[1e-4],
+                                     prune=[dict(target_sparsity=0.9, method="magnitude", granularity="unstructured")],
+                                     target=0.93),
+    "2:4 + KD T=4 a=0.9": dict(kd=dict(temperature=4.0, alpha=0.9), layers=list(range(6)), lrs=[1e-4],
+                               prune=[dict(granularity="2:4", method="magnitude")], target=0.98),
 }
 HEADLINE = ["no KD", "KD logits T=2 a=0.5"]
 # --------------------------------------------------------------------------------------------------
@@ -113,9 +127,21 @@ def run_key(method: str, lr: float, seed: int, sizes: dict, quick: bool) -> str:
                     teacher=f"{sizes['teacher_train']}-e{sizes['teacher_epochs']}")
     if spec.get("transfer_rows"):  # only then: the other methods' keys (and cached runs) stay as they were
         settings["transfer_rows"] = transfer_rows(spec, sizes)
+    if spec.get("prune"):
+        settings["prune"] = [dict(c, **pruning_schedule(sizes["steps"])) for c in spec["prune"]]
     h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
     return (("quick__" if quick else "") + f"{slug(method)}__lr{lr:.0e}__seed{seed}__steps{sizes['steps']}"
             f"__rows{sizes['train']}__{h}")
+
+
+def pruning_schedule(steps: int) -> dict:
+    """Cubic from step 0 to 60% of the run, a mask update every 2% of it; the last 40% recover at the target."""
+    return dict(schedule="cubic", pruning_start_step=0, pruning_end_step=max(1, int(0.6 * steps)),
+                frequency=max(1, steps // 50))
+
+
+def method_lrs(method: str) -> list[float]:
+    return METHODS[method].get("lrs", LRS)
 
 
 def cache_dir(quick: bool) -> Path:
@@ -139,7 +165,7 @@ def save_json(path: Path, payload: dict) -> None:
 
 def chosen_lr(method: str, sizes: dict, quick: bool) -> float | None:
     """Best dev accuracy of the seed-42 sweep (ties: smaller LR); None until the sweep is complete."""
-    runs = [load_run(run_key(method, lr, SWEEP_SEED, sizes, quick), quick) for lr in LRS]
+    runs = [load_run(run_key(method, lr, SWEEP_SEED, sizes, quick), quick) for lr in method_lrs(method)]
     if any(r is None for r in runs):
         return None
     return max(runs, key=lambda r: (r["dev_accuracy"], -r["lr"]))["lr"]
@@ -151,9 +177,10 @@ def plan(sizes: dict, quick: bool) -> list[dict]:
     order = []
 
     def sweep(methods):
-        for lr in LRS:
+        for lr in sorted({lr for m in methods for lr in method_lrs(m)}, key=lambda lr: (LRS.index(lr) if lr in LRS else len(LRS), lr)):
             for m in methods:
-                order.append(dict(method=m, lr=lr, seed=SWEEP_SEED, phase="sweep"))
+                if lr in method_lrs(m):
+                    order.append(dict(method=m, lr=lr, seed=SWEEP_SEED, phase="sweep"))
 
     def reps(methods):
         for s in SEEDS:
@@ -192,7 +219,7 @@ def dev_split(tok, n_train: int, n_dev: int, unlabelled: bool = False):
 def transfer_rows(spec: dict, sizes: dict) -> int:
     """Unlabelled rows of a transfer-set method (a 64th of them with --quick sizes)."""
     n = spec.get("transfer_rows") or 0
-    return n if sizes["steps"] >= 100 else max(n // 250, 8)
+    return n if sizes["steps"] >= 100 or not n else max(n // 250, 8)
 
 
 class Setup:
@@ -261,11 +288,12 @@ def run_one(setup: Setup, method: str, lr: float, seed: int, key: str | None, st
     model = student_from_teacher(setup.teacher, layers=spec.get("layers", LAYERS))
     args = common.training_args(str(cache_dir(setup.quick) / "work" / (key or "estimate")), steps=steps, lr=lr, batch=BATCH)
     args.seed = args.data_seed = seed
+    prune = [PruningCallback(PruningConfig(**c, **pruning_schedule(steps))) for c in spec.get("prune", [])]
     if spec.get("kd") is None:
-        trainer, step_s = common.train(model, data, args, setup.tok)
+        trainer, step_s = common.train(model, data, args, setup.tok, callbacks=prune)
     else:
         trainer, step_s = common.train(
-            model, data, args, setup.tok, trainer_cls=DistillationTrainer,
+            model, data, args, setup.tok, trainer_cls=DistillationTrainer, callbacks=prune,
             teacher_model=setup.teacher if live else None, distillation_config=DistillationConfig(**spec["kd"]),
         )
     t1 = time.perf_counter()
@@ -273,6 +301,7 @@ def run_one(setup: Setup, method: str, lr: float, seed: int, key: str | None, st
     out = dict(
         key=key, method=method, lr=lr, seed=seed, steps=steps, rows=sizes["train"], layers=spec.get("layers", LAYERS),
         transfer_rows=transfer or None,
+        sparsity=[c.pruner.sparsity() for c in prune if c.pruner is not None] or None,
         kd=spec.get("kd"), teacher_online=online(spec) if spec.get("kd") else None,
         dev_accuracy=common.accuracy(model, setup.dev_ds, setup.tok) if evaluate else None,
         val_accuracy=common.accuracy(model, setup.val_ds, setup.tok) if evaluate else None,
@@ -300,7 +329,7 @@ def report(sizes: dict, quick: bool, out: str | None = None) -> dict:
     sweep_rows, per_method = [], {}
     for m in METHODS:
         lr_pick = chosen_lr(m, sizes, quick)
-        for lr in LRS:
+        for lr in method_lrs(m):
             r = load_run(run_key(m, lr, SWEEP_SEED, sizes, quick), quick)
             if r:
                 sweep_rows.append(dict(method=m, lr=lr, seed=SWEEP_SEED, dev_accuracy=r["dev_accuracy"],
@@ -318,8 +347,11 @@ def report(sizes: dict, quick: bool, out: str | None = None) -> dict:
             continue
         acc = _stats([r["val_accuracy"] for r in d["runs"].values()])
         any_run = next(iter(d["runs"].values()))
+        n_layers = len(METHODS[m].get("layers", LAYERS))
+        sparsity = [r["sparsity"][0] for r in d["runs"].values() if r.get("sparsity")]
         rows.append(dict(
-            model=f"3-layer student, {m}", accuracy=acc["mean"], accuracy_std=acc["std"], accuracy_min=acc["min"],
+            model=(f"{n_layers}-layer " + ("model" if METHODS[m].get("prune") else "student") + f", {m}"),
+            sparsity=statistics.fmean(sparsity) if sparsity else None, accuracy=acc["mean"], accuracy_std=acc["std"], accuracy_min=acc["min"],
             accuracy_max=acc["max"], seeds=acc["n"], retention=acc["mean"] / t_acc if t_acc else None, lr=d["lr"],
             dev_accuracy=statistics.fmean(r["dev_accuracy"] for r in d["runs"].values()),
             params_M=any_run["params_M"], minutes_per_run=statistics.fmean(r["minutes"] for r in d["runs"].values()),
@@ -330,7 +362,11 @@ def report(sizes: dict, quick: bool, out: str | None = None) -> dict:
     diffs, goals = [], {}
     base = per_method.get(BASELINE, {}).get("runs", {})
     for m, d in per_method.items():
-        if m == BASELINE:
+        if METHODS[m].get("target") and d["runs"] and t_acc:  # pruning: retention against the teacher
+            ret = statistics.fmean(r["val_accuracy"] for r in d["runs"].values()) / t_acc
+            goals[f"{m}: retention >= {METHODS[m]['target']:.0%} ({len(d['runs'])} seed(s))"] = common.goal(
+                ret >= METHODS[m]["target"])
+        if m == BASELINE or METHODS[m].get("prune"):  # a pruned 6-layer model is not a 3-layer student
             continue
         seeds = [s for s in SEEDS if s in d["runs"] and s in base]
         if not seeds:
@@ -356,7 +392,8 @@ def report(sizes: dict, quick: bool, out: str | None = None) -> dict:
                     statistics.fmean(kd_acc) / 100 >= 0.99 * t_acc)
 
     # the variant a user would keep: best mean dev accuracy over the seeds (never the reported validation set)
-    full = {m: d for m, d in per_method.items() if m != BASELINE and all(x in d["runs"] for x in SEEDS)}
+    full = {m: d for m, d in per_method.items()
+            if m != BASELINE and not METHODS[m].get("prune") and all(x in d["runs"] for x in SEEDS)}
     if full and all(x in base for x in SEEDS):
         best = max(full, key=lambda m: statistics.fmean(full[m]["runs"][x]["dev_accuracy"] for x in SEEDS))
         d = next(x for x in diffs if x["method"] == best)
@@ -382,7 +419,9 @@ def report(sizes: dict, quick: bool, out: str | None = None) -> dict:
                          noise_rule="a difference is outside seed noise only if every per-seed difference has the same sign "
                                     "and |mean| > the larger of the two methods' seed std",
                          std="sample std (n-1) over seeds"),
-        "methods": {m: dict(s, layers=s.get("layers", LAYERS)) for m, s in METHODS.items()},
+        "methods": {m: dict(s, layers=s.get("layers", LAYERS), lrs=method_lrs(m),
+                            **({"pruning_schedule": pruning_schedule(sizes["steps"])} if s.get("prune") else {}))
+                    for m, s in METHODS.items()},
         "teacher": teacher,
         "rows": rows,
         "differences": diffs,

@@ -49,7 +49,7 @@ from .metadata import get_metadata
 from .modules import is_linear, model_class_for, out_axis, replace_module
 from .quantization import QScheme, is_fake_quant, quantize_weight, restore_layer
 from .quantization.backends.torch_int8 import Int8Linear
-from .quantization.numerics import MIN_SCALE
+from .quantization.numerics import recover_grid
 
 OPSET = 18
 TOKENIZER_FILES = (
@@ -256,7 +256,7 @@ class _InputQuantLinearOnnx(nn.Module):
 # (PER_CHANNEL_BLOCK, or the smallest power of two >= 16 covering K) with the scale repeated in every block,
 # K padded with zero codes. 2- and 3-bit grids fit the 4-bit codes as they are. Nothing is re-quantised:
 # fake-quantised layers give their codes and scales (numerics.quantize_weight); baked float weights give them
-# back exactly (`_recover_grid`, checked value for value: every (q - Z) · S in float32 equals the stored
+# back exactly (`numerics.recover_grid`, checked value for value: every (q - Z) · S in float32 equals the stored
 # weight, else the export is refused).
 
 INT4_MODES = ("matmulnbits", "int8-gemm", "float")
@@ -264,7 +264,6 @@ DEFAULT_INT4 = "matmulnbits"
 ACCURACY_LEVELS = (0, 4)
 DEFAULT_ACCURACY_LEVEL = 0
 PER_CHANNEL_BLOCK = 128
-_ULP_STEPS = (0, -1, 1, -2, 2, -3, 3, -4, 4)
 
 
 def _check_options(int4: str, accuracy_level: int) -> None:
@@ -367,71 +366,6 @@ def _int4_layers(model: nn.Module, int4: str) -> dict[str, tuple[nn.Module, QSch
     return layers
 
 
-def _step_ulps(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Positive float32 values moved by k units in the last place."""
-    return x if k == 0 else (x.contiguous().view(torch.int32) + k).view(torch.float32)
-
-
-@torch.no_grad()
-def _recover_grid(w: torch.Tensor, scheme: QScheme) -> dict[str, torch.Tensor] | None:
-    """Codes, scales and zero points (quantize_weight's layout) of a float32 [out, in] weight that is already
-    on `scheme`'s grid; None when some group is not.
-
-    For each group the scale S is searched among max|w| / d (symmetric grids) or span / d (asymmetric) for
-    every code d the extreme value can have, and a few float32 ulps around each; a candidate is kept only
-    when every value of the group is exactly (q - Z) · S in float32 with its code inside the grid. What is
-    returned therefore dequantises to `w` bit for bit, whatever rounding produced the weights.
-    """
-    out_f, in_f = w.shape
-    if scheme.group_size:
-        g = w.reshape(out_f, in_f // scheme.group_size, scheme.group_size)
-    elif scheme.per_channel:
-        g = w.reshape(out_f, 1, in_f)
-    else:
-        g = w.reshape(1, 1, -1)
-    if not torch.isfinite(g).all():
-        return None
-    rows, n, _ = g.shape
-    qmin, qmax = scheme.qmin, scheme.qmax
-    if scheme.symmetric:
-        span = g.abs().amax(-1)
-        first = [qmax, -qmin] if -qmin != qmax else [qmax]
-        ds = first + [d for d in range(max(qmax, -qmin), 0, -1) if d not in first]
-    else:
-        span = g.amax(-1).clamp(min=0) - g.amin(-1).clamp(max=0)
-        ds = list(range(qmax - qmin, 0, -1))
-    scale = torch.ones(rows, n)
-    q_rel = torch.zeros_like(g)
-    found = span == 0  # an all-zero group: S = 1, every code 0
-    for base in [span / d for d in ds] + [torch.full_like(span, MIN_SCALE)]:
-        for k in _ULP_STEPS:
-            todo = ~found
-            if not todo.any():
-                break
-            s = _step_ulps(base, k)[todo]
-            x = g[todo]
-            r = torch.round(x / s[:, None])
-            ok = torch.isfinite(s) & (s > 0) & (r * s[:, None] == x).all(-1)
-            if scheme.symmetric:
-                ok &= (r >= qmin).all(-1) & (r <= qmax).all(-1)
-            else:
-                ok &= r.amax(-1).clamp(min=0) - r.amin(-1).clamp(max=0) <= qmax - qmin
-            idx = todo.nonzero()[ok]
-            scale[idx[:, 0], idx[:, 1]] = s[ok]
-            q_rel[idx[:, 0], idx[:, 1]] = r[ok]
-            found[idx[:, 0], idx[:, 1]] = True
-        if found.all():
-            break
-    if not found.all():
-        return None
-    # the zero point: 0 on symmetric grids; else the smallest Z inside the grid that holds every code (any such
-    # Z gives the same values)
-    zero = torch.zeros(rows, n) if scheme.symmetric else qmin - q_rel.amin(-1).clamp(max=0)
-    q = (q_rel + zero[..., None]).reshape(out_f, in_f)
-    return {"q": q.to(torch.int8), "scale": scale.expand(out_f, n).contiguous(),
-            "zero": zero.expand(out_f, n).to(torch.int8).contiguous()}
-
-
 def int4_storage(m: nn.Module, scheme: QScheme, name: str = "layer") -> dict[str, torch.Tensor]:
     """Our codes, scales and zero points of a <= 4-bit layer ([out, in] layout, as quantize_weight): computed
     from the float master weight of a fake-quantised layer, recovered exactly from weights baked on the grid."""
@@ -442,7 +376,7 @@ def int4_storage(m: nn.Module, scheme: QScheme, name: str = "layer") -> dict[str
     w = (w.t() if axis == 1 else w).float().contiguous()
     stored = None
     if not scheme.group_size or w.shape[1] % scheme.group_size == 0:
-        stored = _recover_grid(w, scheme) if m.weight.dtype == torch.float32 else None
+        stored = recover_grid(w, scheme) if m.weight.dtype == torch.float32 else None
     if stored is None:
         raise ValueError(
             f"{name}: its weights ({m.weight.dtype}) are not on the {scheme.bits}-bit grid recorded in its config "

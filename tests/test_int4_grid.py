@@ -155,7 +155,7 @@ def test_restricted_unchanged_and_full_clips_the_positive_max():
 
 
 def test_config_field_validation_and_default():
-    assert QATConfig().weight_range == "restricted"  # default: see docs/quantization.md, "Which int4 grid"
+    assert QATConfig().weight_range is None  # default: per layer, see docs/quantization.md, "Which int4 grid"
     assert QScheme(4).weight_range == "restricted"  # records written before the field meant this grid
     with pytest.raises(ValueError, match=r"QATConfig\.weight_range='wide': use one of \('restricted', 'full'"):
         QATConfig(weight_bits=4, weight_range="wide")
@@ -169,6 +169,17 @@ def test_config_field_validation_and_default():
     assert all((lp.weight.qmin, lp.weight.qmax) == (-8, 7) for lp in asym.values())
     nf4 = build_plan(model, QATConfig(weight_bits=4, weight_format="nf4", group_size=32, weight_range="full"))
     assert all(lp.weight.format == "nf4" for lp in nf4.values())
+    # the default resolves per layer: 'full' ([-8, 7]) where a layer has 4 bits, 'restricted' elsewhere
+    mixed = build_plan(model, QATConfig(weight_bits=8, group_size=16, layer_bits={r"\.output\.dense$": 4}))
+    grids = {n: (lp.weight.bits, lp.weight.weight_range, lp.weight.qmin, lp.weight.qmax) for n, lp in mixed.items()}
+    assert {g for n, g in grids.items() if n.endswith(".output.dense")} == {(4, "full", -8, 7)}
+    assert {g for n, g in grids.items() if not n.endswith(".output.dense")} == {(8, "restricted", -127, 127)}
+    assert {lp.weight.weight_range for lp in build_plan(model, QATConfig(weight_bits=4, group_size=16)).values()} == {"full"}
+    assert {lp.weight.weight_range for lp in build_plan(model, QATConfig(weight_bits=2, group_size=16)).values()} == {"restricted"}
+    from hf_compress.quantization.backends import get_backend
+    from hf_compress.quantization.plan import scheme_for_bits
+
+    get_backend("bnb-int8").check(scheme_for_bits(8, QATConfig(weight_bits=8)))  # the 8-bit default is bnb-int8's grid
     old = LayerPlan.from_dict({"weight": {"bits": 4, "symmetric": True, "per_channel": True, "group_size": 16,
                                           "format": "int"}, "act": None})
     assert (old.weight.qmin, old.weight.qmax) == (-7, 7)
@@ -276,3 +287,41 @@ def test_static_ptq_kept_layers_do_not_requantise_the_baked_weight(tmp_path, gri
         assert torch.equal(back(**x).logits, out)
     changed = fake_quantize_weight(w, plan[n].weight)  # what re-quantising a baked weight would give
     assert torch.equal(changed, w) == (grid == "restricted")
+
+
+@pytest.mark.parametrize("grid", ["full", "full_no_clip", None])
+def test_convert_again_keeps_weights_baked_on_a_grid_that_is_not_a_fixed_point(tmp_path, grid):
+    """Float weights baked on 'full' (the 4-bit default) move if quantised again (a group's 8·S becomes the next
+    max: S' = 8·S/7.5). A second convert, and an export of the reloaded baked model, keep them exactly; a weight
+    trained off the grid since is quantised afresh from its float value."""
+    model = tiny_bert(hidden=64, ffn=128).eval()
+    cfg = QATConfig(weight_bits=4, weight_range=grid)
+    quantize_model(model, cfg)
+    names = list(build_plan(tiny_bert(hidden=64, ffn=128), cfg))
+    baked = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    scheme = build_plan(tiny_bert(hidden=64, ffn=128), cfg)[names[0]].weight
+    assert scheme.weight_range == (grid or "full")
+    moved = [n for n in names if not torch.equal(fake_quantize_weight(baked[n], scheme), baked[n])]
+    assert moved  # re-quantising the baked weights would change them: what the test guards against
+    x = _inputs()
+    with torch.no_grad():
+        ref = model(**x).logits
+    convert(model, cfg)  # again, in memory
+    assert all(torch.equal(model.get_submodule(n).weight, baked[n]) for n in names)
+    model.save_pretrained(tmp_path / "baked")
+    back = load_pretrained(tmp_path / "baked").eval()
+    w1 = back.get_submodule(names[1]).weight.data
+    w1[0, 0] = 3 * w1[0].abs().max()  # trained since: off the grid, and its row has a new scale
+    fresh = fake_quantize_weight(back.get_submodule(names[1]).weight.detach(), scheme)
+    convert(back, QATConfig(weight_bits=4, weight_range=grid, export="torch-int8"))
+    for n in names:  # real int8 storage of the same values, bit for bit (the moved one re-quantised from its floats)
+        assert torch.equal(back.get_submodule(n).dequantized_weight(), fresh if n == names[1] else baked[n]), n
+    with torch.no_grad():
+        out = back(**x).logits
+    # bake -> save -> load -> export ships what exporting the float model directly ships
+    back2 = load_pretrained(tmp_path / "baked").eval()
+    convert(back2, QATConfig(weight_bits=4, weight_range=grid, export="torch-int8"))
+    direct = quantize_model(tiny_bert(hidden=64, ffn=128).eval(), QATConfig(weight_bits=4, weight_range=grid, export="torch-int8"))
+    with torch.no_grad():
+        want = direct(**x).logits
+        assert torch.equal(back2(**x).logits, want) and not torch.equal(out, want)

@@ -34,8 +34,11 @@ warnings.filterwarnings("ignore", message=".*kernels.*")
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 
 
-def ref_fake_quant(w: np.ndarray, bits: int, symmetric: bool, group: int | None, per_channel: bool = True):
-    """Independent reference: the formula written out row by row, group by group, in float32 numpy."""
+def ref_fake_quant(w: np.ndarray, bits: int, symmetric: bool, group: int | None, per_channel: bool = True,
+                   weight_range: str = "restricted"):
+    """Independent reference: the formula written out row by row, group by group, in float32 numpy.
+    Symmetric grids: "restricted" = codes ±(2^(b-1)-1), S = max|r|/qmax; "full" = [-2^(b-1), 2^(b-1)-1],
+    S = max|r|/(2^(b-1) - 0.5) (torchao's)."""
     out = np.empty_like(w, dtype=np.float64)
     rows = [w.reshape(-1)] if not per_channel and not group else list(w)
     res = []
@@ -46,8 +49,8 @@ def ref_fake_quant(w: np.ndarray, bits: int, symmetric: bool, group: int | None,
             r = r.astype(np.float32)
             lo, hi = min(float(r.min()), 0.0), max(float(r.max()), 0.0)
             if symmetric:
-                qmin, qmax = -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-                s = np.float32(max(-lo, hi) / qmax) if max(-lo, hi) > 0 else np.float32(1)
+                qmin, qmax = -(2 ** (bits - 1) - (weight_range == "restricted")), 2 ** (bits - 1) - 1
+                s = np.float32(max(-lo, hi) / ((qmax - qmin) / 2)) if max(-lo, hi) > 0 else np.float32(1)
                 z = np.float32(0)
             else:
                 qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -65,20 +68,23 @@ SCHEMES = [
     dict(bits=8, symmetric=False, per_channel=True, group_size=None),
     dict(bits=8, symmetric=True, per_channel=False, group_size=None),
     dict(bits=4, symmetric=True, per_channel=True, group_size=16),
+    dict(bits=4, symmetric=True, per_channel=True, group_size=16, weight_range="full"),
     dict(bits=4, symmetric=False, per_channel=True, group_size=16),
     dict(bits=4, symmetric=False, per_channel=False, group_size=None),
 ]
 
 
 @pytest.mark.parametrize("kw", SCHEMES, ids=lambda k: f"b{k['bits']}-{'sym' if k['symmetric'] else 'asym'}-"
-                         f"{'g' + str(k['group_size']) if k['group_size'] else ('ch' if k['per_channel'] else 'tensor')}")
+                         f"{'g' + str(k['group_size']) if k['group_size'] else ('ch' if k['per_channel'] else 'tensor')}"
+                         f"{'-' + k['weight_range'] if 'weight_range' in k else ''}")
 def test_quantize_dequantize_matches_independent_formula(kw):
     torch.manual_seed(0)
     w = torch.randn(12, 48) * 0.1 + 0.02
     w[3] = w[3].abs()  # a row with only positive values: asymmetric range must still contain 0
     scheme = QScheme(**kw)
     got = fake_quantize_weight(w, scheme)
-    ref = ref_fake_quant(w.numpy(), kw["bits"], kw["symmetric"], kw["group_size"], kw["per_channel"])
+    ref = ref_fake_quant(w.numpy(), kw["bits"], kw["symmetric"], kw["group_size"], kw["per_channel"],
+                         kw.get("weight_range", "restricted"))
     np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=1e-7)
     # integer storage of the export path dequantises to the same values, codes inside the range
     stored = quantize_weight(w, scheme)
@@ -366,7 +372,8 @@ def test_ptq_dynamic_weights_on_grid_and_reload(tmp_path):
     quantize_model(model, QATConfig(weight_bits=4, group_size=16))
     for name in build_plan(ref, {}):
         w, w0 = model.get_submodule(name).weight, ref.get_submodule(name).weight
-        assert torch.equal(w, torch.tensor(ref_fake_quant(w0.detach().numpy(), 4, True, 16)))
+        # the default grid at 4 bits is "full" ([-8, 7], S = max/7.5): BENCHMARKS.md, "int4 weight grid"
+        assert torch.equal(w, torch.tensor(ref_fake_quant(w0.detach().numpy(), 4, True, 16, weight_range="full")))
     assert torch.equal(model.classifier.weight, ref.classifier.weight)
     model.save_pretrained(tmp_path)
     back = load_pretrained(tmp_path)

@@ -33,7 +33,9 @@ from .fake_quant import (
     set_observing,
 )
 from .embedding import Int8Embedding, convert_embedding, embedding_target
-from .numerics import QScheme, dequantize_weight, fake_quantize, fake_quantize_weight, qparams, quantize_weight
+from .numerics import (
+    QScheme, dequantize_weight, fake_quantize, fake_quantize_weight, qparams, quantize_weight, recover_grid,
+)
 from .observers import Observer
 from .plan import ActScheme, LayerPlan, build_plan, field_of
 
@@ -107,7 +109,8 @@ def convert(
     if backend is not None:
         backend.require()
     modules = dict(model.named_modules())
-    before = get_metadata(model).get("quantization", {}).get("layers", {})
+    before_meta = get_metadata(model).get("quantization", {})
+    before = before_meta.get("layers", {})
     layers = {}
     for name, lp in plan.items():
         m = modules.get(name)
@@ -123,6 +126,14 @@ def convert(
         obs = getattr(m, "input_observer", None)
         dynamic = lp.act is not None and lp.act.observer == "dynamic"
         keep = keep_input_quant and backend is None and is_fake_quant(m) and (dynamic or (obs is not None and obs.ready))
+        # a float weight baked by an earlier convert (or loaded so): where re-quantising is not a fixed point of the
+        # grid ('full', 'full_no_clip', asymmetric), its exact codes are recovered and kept; None once it has moved
+        # off the grid (trained further), and then it is quantised like any float weight
+        stored = None
+        if name in before and not before_meta.get("backend") and not is_fake_quant(m) and not _fixed_point(lp.weight):
+            w = m.weight.detach()
+            stored = recover_grid((w.t() if axis == 1 else w).float().contiguous(), lp.weight) \
+                if m.weight.dtype == torch.float32 else None
         if is_fake_quant(m) and not keep:
             restore_layer(m)
         if keep:
@@ -131,13 +142,13 @@ def convert(
                 obs.observing = False
             entry["input_quant"] = "dynamic" if dynamic else [float(obs.lo), float(obs.hi)]
         if backend is None:
-            if not getattr(m, "hfc_weight_on_grid", False):
+            if not getattr(m, "hfc_weight_on_grid", False) and stored is None:
                 with torch.no_grad():
                     m.weight.copy_(fake_quantize_weight(m.weight.detach(), lp.weight, axis))
             if keep:  # its forward must not quantise the baked weight again (weight_range="full": not a fixed point)
                 m.hfc_weight_on_grid = True
         else:
-            replace_module(model, name, backend.convert(m, lp.weight, axis).train(m.training))
+            replace_module(model, name, backend.convert(m, lp.weight, axis, stored=stored).train(m.training))
         layers[name] = {**lp.to_dict(), **entry}
     meta = {"version": FORMAT_VERSION, "backend": export, "layers": layers}
     emb = convert_embedding(model, embedding_bits, backend is not None,
@@ -147,6 +158,12 @@ def convert(
     if hasattr(model, "config"):
         record(model, "quantization", meta)
     return meta
+
+
+def _fixed_point(scheme: QScheme) -> bool:
+    """Whether quantising a weight already on `scheme`'s grid gives it back unchanged: symmetric 'restricted'
+    (±max is a level, so the scale is found again) and NF4 (absmax is the level 1.0)."""
+    return scheme.format == "nf4" or (scheme.symmetric and scheme.weight_range == "restricted")
 
 
 def rebuild_quantized(model: nn.Module, meta: dict[str, Any]) -> nn.Module:

@@ -68,9 +68,11 @@ class QATConfig:
         metadata={"help": "Weights: zero point 0, levels in [-(2^(b-1)-1), 2^(b-1)-1]. False: asymmetric, with "
                           "an integer zero point so 0.0 stays exactly on the grid (pruned zeros stay zero)."},
     )
-    weight_range: str = field(
-        default="restricted",
-        metadata={"help": "Integer range of symmetric uniform weights (b bits): 'restricted' = [-(2^(b-1)-1), "
+    weight_range: Optional[str] = field(
+        default=None,
+        metadata={"help": "Integer range of symmetric uniform weights (b bits). None (default): 'full' for 4-bit "
+                          "layers (measured better, BENCHMARKS.md 'int4 weight grid'), 'restricted' for the others "
+                          "(per layer, so layer_bits mixes are covered). 'restricted' = [-(2^(b-1)-1), "
                           "2^(b-1)-1], scale max|w|/qmax (int4 [-7, 7]); 'full' = [-2^(b-1), 2^(b-1)-1], scale "
                           "max|w|/((qmax-qmin)/2) (int4 [-8, 7], max|w|/7.5: torchao's and torch.ao's symmetric "
                           "grid); 'full_no_clip' = the same codes, scale max(-min/2^(b-1), max/qmax) (torchao's "
@@ -147,9 +149,10 @@ class QATConfig:
         if self.embedding_bits is not None and (type(self.embedding_bits) is not int or self.embedding_bits != 8):
             bad("embedding_bits", "use None (float32 word embedding) or 8 (int8 codes + one float32 scale per row); "
                                   "other widths are not supported.")
-        if self.weight_range not in WEIGHT_RANGES:
+        if self.weight_range is not None and self.weight_range not in WEIGHT_RANGES:
             bad("weight_range", f"use one of {WEIGHT_RANGES} ('restricted': int4 codes [-7, 7]; 'full': "
-                                "[-8, 7] as torchao; 'full_no_clip': [-8, 7] with torchao's no-clipping scale).")
+                                "[-8, 7] as torchao; 'full_no_clip': [-8, 7] with torchao's no-clipping scale), or "
+                                "None (the default): 'full' for 4-bit layers, 'restricted' for the others.")
         if self.weight_format is None:
             self.weight_format = "nf4" if self.export == "bnb-nf4" else "int"
         if self.weight_format not in FORMATS:

@@ -342,3 +342,73 @@ def grid_levels(w: torch.Tensor, axis: int = 0) -> torch.Tensor:
     """Number of distinct values in each output channel (tests / reports: ≤ 2^bits after quantisation)."""
     w2 = (w.transpose(0, axis) if axis else w).reshape(w.shape[axis], -1)
     return torch.tensor([row.unique().numel() for row in w2])
+
+
+# ---- weights already on a grid ----------------------------------------------------------------------
+
+_ULP_STEPS = (0, -1, 1, -2, 2, -3, 3, -4, 4)
+
+
+def _step_ulps(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Positive float32 values moved by k units in the last place."""
+    return x if k == 0 else (x.contiguous().view(torch.int32) + k).view(torch.float32)
+
+
+@torch.no_grad()
+def recover_grid(w: torch.Tensor, scheme: QScheme) -> dict[str, torch.Tensor] | None:
+    """Codes, scales and zero points (quantize_weight's layout) of a float32 [out, in] weight that is already
+    on `scheme`'s grid; None when some group is not.
+
+    For each group the scale S is searched among max|w| / d (symmetric grids) or span / d (asymmetric) for
+    every code d the extreme value can have, and a few float32 ulps around each; a candidate is kept only
+    when every value of the group is exactly (q - Z) · S in float32 with its code inside the grid. What is
+    returned therefore dequantises to `w` bit for bit, whatever rounding produced the weights.
+    """
+    out_f, in_f = w.shape
+    if scheme.group_size:
+        g = w.reshape(out_f, in_f // scheme.group_size, scheme.group_size)
+    elif scheme.per_channel:
+        g = w.reshape(out_f, 1, in_f)
+    else:
+        g = w.reshape(1, 1, -1)
+    if not torch.isfinite(g).all():
+        return None
+    rows, n, _ = g.shape
+    qmin, qmax = scheme.qmin, scheme.qmax
+    if scheme.symmetric:
+        span = g.abs().amax(-1)
+        first = [qmax, -qmin] if -qmin != qmax else [qmax]
+        ds = first + [d for d in range(max(qmax, -qmin), 0, -1) if d not in first]
+    else:
+        span = g.amax(-1).clamp(min=0) - g.amin(-1).clamp(max=0)
+        ds = list(range(qmax - qmin, 0, -1))
+    scale = torch.ones(rows, n)
+    q_rel = torch.zeros_like(g)
+    found = span == 0  # an all-zero group: S = 1, every code 0
+    for base in [span / d for d in ds] + [torch.full_like(span, MIN_SCALE)]:
+        for k in _ULP_STEPS:
+            todo = ~found
+            if not todo.any():
+                break
+            s = _step_ulps(base, k)[todo]
+            x = g[todo]
+            r = torch.round(x / s[:, None])
+            ok = torch.isfinite(s) & (s > 0) & (r * s[:, None] == x).all(-1)
+            if scheme.symmetric:
+                ok &= (r >= qmin).all(-1) & (r <= qmax).all(-1)
+            else:
+                ok &= r.amax(-1).clamp(min=0) - r.amin(-1).clamp(max=0) <= qmax - qmin
+            idx = todo.nonzero()[ok]
+            scale[idx[:, 0], idx[:, 1]] = s[ok]
+            q_rel[idx[:, 0], idx[:, 1]] = r[ok]
+            found[idx[:, 0], idx[:, 1]] = True
+        if found.all():
+            break
+    if not found.all():
+        return None
+    # the zero point: 0 on symmetric grids; else the smallest Z inside the grid that holds every code (any such
+    # Z gives the same values)
+    zero = torch.zeros(rows, n) if scheme.symmetric else qmin - q_rel.amin(-1).clamp(max=0)
+    q = (q_rel + zero[..., None]).reshape(out_f, in_f)
+    return {"q": q.to(torch.int8), "scale": scale.expand(out_f, n).contiguous(),
+            "zero": zero.expand(out_f, n).to(torch.int8).contiguous()}

@@ -75,8 +75,17 @@ def scheme_for_bits(bits: int, config) -> QScheme:
         symmetric=bool(field_of(config, "symmetric", True)),
         per_channel=bool(field_of(config, "per_channel", True)),
         group_size=group,
-        weight_range=field_of(config, "weight_range") or "restricted",
+        weight_range=weight_range_for(bits, config),
     )
+
+
+def weight_range_for(bits: int, config) -> str:
+    """A layer's symmetric weight grid: the config's `weight_range`, or when None (the default) the grid measured
+    better at that width: 'full' ([-8, 7], torchao's) at 4 bits, 'restricted' (±(2^(b-1)-1)) at the others."""
+    chosen = field_of(config, "weight_range")
+    if chosen is not None:
+        return chosen
+    return "full" if bits == 4 else "restricted"
 
 
 def act_scheme(config) -> ActScheme | None:

@@ -24,8 +24,10 @@ class Backend:
     def check(self, scheme: QScheme) -> None:
         """ValueError when the backend cannot store `scheme`."""
 
-    def convert(self, module: nn.Module, scheme: QScheme, axis: int) -> nn.Module:
-        """A real low-bit layer computing `module` with its weight quantised by `scheme`."""
+    def convert(self, module: nn.Module, scheme: QScheme, axis: int, stored: dict | None = None) -> nn.Module:
+        """A real low-bit layer computing `module` with its weight quantised by `scheme`. `stored`: the exact
+        codes / scales / zero points (quantize_weight's layout) of a weight already baked on a grid that
+        re-quantising would move (quantization.convert passes them); None: quantise `module.weight`."""
         raise NotImplementedError
 
     def empty(self, in_features: int, out_features: int, bias: bool, scheme: QScheme) -> nn.Module:

@@ -135,8 +135,8 @@ class Bnb(Backend):
             f"group_size={scheme.group_size}. Use symmetric=True with weight_bits=8, or {hint}."
         )
 
-    def convert(self, module: nn.Module, scheme: QScheme, axis: int) -> nn.Module:
-        self.check(scheme)
+    def convert(self, module: nn.Module, scheme: QScheme, axis: int, stored: dict | None = None) -> nn.Module:
+        self.check(scheme)  # its grids (int8 'restricted', NF4) are fixed points: `stored` is never needed here
         return _convert(module, scheme, axis)
 
     def empty(self, in_features: int, out_features: int, bias: bool, scheme: QScheme) -> nn.Module:

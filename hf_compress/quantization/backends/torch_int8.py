@@ -67,10 +67,10 @@ class Int8Linear(nn.Module):
         self._packed = None  # (buffer versions, prepacked weight)
 
     @classmethod
-    def from_float(cls, module: nn.Module, scheme: QScheme, axis: int = 0) -> "Int8Linear":
+    def from_float(cls, module: nn.Module, scheme: QScheme, axis: int = 0, stored: dict | None = None) -> "Int8Linear":
         w = module.weight
         out = cls(w.shape[1 - axis], w.shape[axis], module.bias is not None).to(w.device)
-        s = quantize_weight(w, scheme, axis)
+        s = quantize_weight(w, scheme, axis) if stored is None else stored
         with torch.no_grad():
             out.weight.copy_(s["q"])
             out.weight_scale.copy_(s["scale"][:, 0])
@@ -122,9 +122,9 @@ class TorchInt8(Backend):
                 f"or export='bnb-nf4' for 4-bit group-wise weights."
             )
 
-    def convert(self, module: nn.Module, scheme: QScheme, axis: int) -> nn.Module:
+    def convert(self, module: nn.Module, scheme: QScheme, axis: int, stored: dict | None = None) -> nn.Module:
         self.check(scheme)
-        return Int8Linear.from_float(module, scheme, axis)
+        return Int8Linear.from_float(module, scheme, axis, stored)
 
     def empty(self, in_features: int, out_features: int, bias: bool, scheme: QScheme) -> nn.Module:
         self.check(scheme)

@@ -16,6 +16,8 @@ Also per grid: the relative error of the quantised weights, ||ŵ - w|| / ||w|| o
     python bench/bench_int4_grid.py                           # 60 steps (bench_qat's int4 rows), seed 42
     python bench/bench_int4_grid.py --seeds 42 43 44 --steps 60
     python bench/bench_int4_grid.py --quick                   # proves it runs; numbers meaningless
+    python bench/bench_int4_grid.py --kd --no-plain --no-torchao --grids full --seeds 42 43 44 --out F
+                                                              # QAT + KD from the float model only
     python bench/bench_int4_grid.py --proxy                   # no training (minutes): PTQ weight and embedding
                                                               # error of the pretrained MiniLM, per grid
 
@@ -44,7 +46,7 @@ sys.path.insert(0, str(BENCH / "peers"))
 import torch  # noqa: E402
 from common import accuracy, parse_args, sst2, table, teacher, tokenizer, train, training_args, write  # noqa: E402
 
-from hf_compress import QATCallback, QATConfig, quantize_model  # noqa: E402
+from hf_compress import DistillationConfig, DistillationTrainer, QATCallback, QATConfig, quantize_model  # noqa: E402
 from hf_compress.quantization import build_plan, fake_quantize_weight  # noqa: E402
 from hf_compress.quantization.numerics import WEIGHT_RANGES  # noqa: E402
 
@@ -52,6 +54,7 @@ warnings.filterwarnings("ignore")
 LR = 2e-5  # bench_qat.py's
 STEPS = 60  # the steps of bench_qat.py's recorded int4 rows (bench/results/qat.json) and of bench_peers.py
 BASE = dict(weight_bits=4, group_size=64)  # bench_qat.py's "int4 g64"
+KD = dict(temperature=4.0, alpha=0.9)  # --kd: the float model distils into its own QAT copy (bench_protocol's best)
 
 
 def weight_error(model, config) -> float:
@@ -172,6 +175,9 @@ def main(argv=None):
     pre.add_argument("--seeds", type=int, nargs="+", default=[42], help="training seeds of the QAT runs")
     pre.add_argument("--grids", nargs="+", default=list(WEIGHT_RANGES), choices=WEIGHT_RANGES)
     pre.add_argument("--no-torchao", action="store_true", help="skip torchao's rows")
+    pre.add_argument("--kd", action="store_true", help="also QAT + KD from the float model (DistillationTrainer, "
+                                                       f"{KD}) per grid and seed: what torchao's QAT has no hook for")
+    pre.add_argument("--no-plain", action="store_true", help="skip the plain QAT rows (with --kd: only QAT + KD)")
     known, rest = pre.parse_known_args(argv)
     a = parse_args("int4 g64 weight grid [-7, 7] vs [-8, 7]: PTQ and QAT, beside torchao's int4 QAT", rest)
     if known.proxy:
@@ -196,23 +202,27 @@ def main(argv=None):
                      "retention": acc / float_acc, "weight_rel_error": weight_error(base, cfg),
                      "minutes": (time.time() - t0) / 60})
         print(f"[bench] {rows[-1]['run']}: {acc:.4f} (weight error {rows[-1]['weight_rel_error']:.4f})", flush=True)
+    kinds = ([] if known.no_plain else ["qat"]) + (["qat+kd"] if known.kd else [])
     for seed in known.seeds:
         for grid in known.grids:
-            cfg = QATConfig(**BASE, weight_range=grid)
-            t0 = time.time()
-            torch.manual_seed(seed)
-            trainer, step_s = train(copy.deepcopy(base).train(), train_ds, _args(tmp, f"{grid}-{seed}", steps, seed), tok,
-                                    callbacks=[QATCallback(cfg)])
-            acc = accuracy(trainer.model, val_ds, tok)
-            rows.append({"run": f"QAT int4 g64 {grid} seed {seed}", "method": "qat", "grid": grid, "seed": seed,
-                         "accuracy": acc, "retention": acc / float_acc, "step_s": step_s,
-                         "minutes": (time.time() - t0) / 60})
-            print(f"[bench] {rows[-1]['run']}: {acc:.4f}", flush=True)
+            for kind in kinds:
+                cfg = QATConfig(**BASE, weight_range=grid)
+                t0 = time.time()
+                torch.manual_seed(seed)
+                kw = dict(trainer_cls=DistillationTrainer, teacher_model=base,
+                          distillation_config=DistillationConfig(**KD)) if kind == "qat+kd" else {}
+                trainer, step_s = train(copy.deepcopy(base).train(), train_ds, _args(tmp, f"{kind}-{grid}-{seed}", steps, seed),
+                                        tok, callbacks=[QATCallback(cfg)], **kw)
+                acc = accuracy(trainer.model, val_ds, tok)
+                rows.append({"run": f"{kind.upper()} int4 g64 {grid} seed {seed}", "method": kind, "grid": grid, "seed": seed,
+                             "accuracy": acc, "retention": acc / float_acc, "step_s": step_s,
+                             "minutes": (time.time() - t0) / 60})
+                print(f"[bench] {rows[-1]['run']}: {acc:.4f}", flush=True)
     if not known.no_torchao:
         rows += torchao_runs(base, train_ds, val_ds, tok, known.seeds, steps, tmp, float_acc)
 
     summary = []
-    for method in ("ptq", "qat"):
+    for method in ("ptq", "qat", "qat+kd"):
         for grid in [*known.grids, "torchao"]:
             accs = [r["accuracy"] for r in rows if r.get("method") == method and r.get("grid") == grid]
             if accs:
@@ -223,6 +233,7 @@ def main(argv=None):
     print(table(summary, ["method", "grid", "runs", "mean_accuracy", "min", "max", "mean_retention"]))
     write("int4_grid", {
         "quick": a.quick, "sizes": sizes, "steps": steps, "lr": LR, "seeds": known.seeds, "float_accuracy": float_acc,
+        "kd": KD if known.kd else None,
         "config": BASE, "grids": {g: {"restricted": "[-(2^(b-1)-1), 2^(b-1)-1], S = max|w|/qmax",
                                       "full": "[-2^(b-1), 2^(b-1)-1], S = max|w|/((qmax-qmin)/2) (torchao SYMMETRIC)",
                                       "full_no_clip": "[-2^(b-1), 2^(b-1)-1], S = max(-min/2^(b-1), max/qmax) "

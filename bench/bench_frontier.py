@@ -135,7 +135,7 @@ class Trainings:
     def _trainee(self, student: bool):
         torch.manual_seed(SEED)
         m = student_from_teacher(self.base, layers=LAYERS) if student else copy.deepcopy(self.base)
-        return m.train().requires_grad_(True)  # DistillationTrainer freezes the teacher (`base`)
+        return m.train()
 
     def get(self, name: str, lr: float, build) -> Path:
         """build(tmp_dir) -> dict of training facts; its model saved in tmp_dir. Returns the cache folder."""

@@ -74,7 +74,6 @@ def main(argv=None):
     def run(name, configs, kd):
         torch.manual_seed(SEED)
         model = copy.deepcopy(dense).train()
-        model.requires_grad_(True)  # DistillationTrainer froze `dense` (the teacher) in an earlier KD run
         cbs = [TimedPruningCallback(c) for c in configs]
         kw = {}
         if kd:

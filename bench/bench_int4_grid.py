@@ -178,6 +178,8 @@ def main(argv=None):
     pre.add_argument("--kd", action="store_true", help="also QAT + KD from the float model (DistillationTrainer, "
                                                        f"{KD}) per grid and seed: what torchao's QAT has no hook for")
     pre.add_argument("--no-plain", action="store_true", help="skip the plain QAT rows (with --kd: only QAT + KD)")
+    pre.add_argument("--group-size", type=int, default=BASE["group_size"],
+                     help="int4 group size of our rows; 0 = one scale per output channel (torchao's rows stay g64)")
     known, rest = pre.parse_known_args(argv)
     a = parse_args("int4 g64 weight grid [-7, 7] vs [-8, 7]: PTQ and QAT, beside torchao's int4 QAT", rest)
     if known.proxy:
@@ -192,13 +194,15 @@ def main(argv=None):
     t_all = time.time()
     print(f"[bench] float accuracy {float_acc:.4f}; {steps} QAT steps; seeds {known.seeds}; grids {known.grids}", flush=True)
 
+    base_cfg = dict(BASE, group_size=known.group_size or None)
+    tag = f"g{known.group_size}" if known.group_size else "per-channel"
     rows = []
     for grid in known.grids:
-        cfg = QATConfig(**BASE, weight_range=grid)
+        cfg = QATConfig(**base_cfg, weight_range=grid)
         t0 = time.time()
         ptq = quantize_model(copy.deepcopy(base), cfg)
         acc = accuracy(ptq, val_ds, tok)
-        rows.append({"run": f"PTQ int4 g64 {grid}", "method": "ptq", "grid": grid, "accuracy": acc,
+        rows.append({"run": f"PTQ int4 {tag} {grid}", "method": "ptq", "grid": grid, "accuracy": acc,
                      "retention": acc / float_acc, "weight_rel_error": weight_error(base, cfg),
                      "minutes": (time.time() - t0) / 60})
         print(f"[bench] {rows[-1]['run']}: {acc:.4f} (weight error {rows[-1]['weight_rel_error']:.4f})", flush=True)
@@ -206,7 +210,7 @@ def main(argv=None):
     for seed in known.seeds:
         for grid in known.grids:
             for kind in kinds:
-                cfg = QATConfig(**BASE, weight_range=grid)
+                cfg = QATConfig(**base_cfg, weight_range=grid)
                 t0 = time.time()
                 torch.manual_seed(seed)
                 kw = dict(trainer_cls=DistillationTrainer, teacher_model=base,
@@ -214,7 +218,7 @@ def main(argv=None):
                 trainer, step_s = train(copy.deepcopy(base).train(), train_ds, _args(tmp, f"{kind}-{grid}-{seed}", steps, seed),
                                         tok, callbacks=[QATCallback(cfg)], **kw)
                 acc = accuracy(trainer.model, val_ds, tok)
-                rows.append({"run": f"{kind.upper()} int4 g64 {grid} seed {seed}", "method": kind, "grid": grid, "seed": seed,
+                rows.append({"run": f"{kind.upper()} int4 {tag} {grid} seed {seed}", "method": kind, "grid": grid, "seed": seed,
                              "accuracy": acc, "retention": acc / float_acc, "step_s": step_s,
                              "minutes": (time.time() - t0) / 60})
                 print(f"[bench] {rows[-1]['run']}: {acc:.4f}", flush=True)
@@ -234,7 +238,7 @@ def main(argv=None):
     write("int4_grid", {
         "quick": a.quick, "sizes": sizes, "steps": steps, "lr": LR, "seeds": known.seeds, "float_accuracy": float_acc,
         "kd": KD if known.kd else None,
-        "config": BASE, "grids": {g: {"restricted": "[-(2^(b-1)-1), 2^(b-1)-1], S = max|w|/qmax",
+        "config": base_cfg, "grids": {g: {"restricted": "[-(2^(b-1)-1), 2^(b-1)-1], S = max|w|/qmax",
                                       "full": "[-2^(b-1), 2^(b-1)-1], S = max|w|/((qmax-qmin)/2) (torchao SYMMETRIC)",
                                       "full_no_clip": "[-2^(b-1), 2^(b-1)-1], S = max(-min/2^(b-1), max/qmax) "
                                                       "(torchao SYMMETRIC_NO_CLIPPING_ERR)"}[g] for g in known.grids},

@@ -289,18 +289,20 @@ def test_static_ptq_kept_layers_do_not_requantise_the_baked_weight(tmp_path, gri
     assert torch.equal(changed, w) == (grid == "restricted")
 
 
-@pytest.mark.parametrize("grid", ["full", "full_no_clip", None])
-def test_convert_again_keeps_weights_baked_on_a_grid_that_is_not_a_fixed_point(tmp_path, grid):
+@pytest.mark.parametrize("kw", [dict(weight_bits=4, weight_range="full"), dict(weight_bits=4, weight_range="full_no_clip"),
+                                dict(weight_bits=4), dict(weight_bits=4, symmetric=False), dict(weight_bits=8, symmetric=False)],
+                         ids=["full", "full_no_clip", "int4-default", "int4-asymmetric", "int8-asymmetric"])
+def test_convert_again_keeps_weights_baked_on_a_grid_that_is_not_a_fixed_point(tmp_path, kw):
     """Float weights baked on 'full' (the 4-bit default) move if quantised again (a group's 8·S becomes the next
     max: S' = 8·S/7.5). A second convert, and an export of the reloaded baked model, keep them exactly; a weight
-    trained off the grid since is quantised afresh from its float value."""
+    trained off the grid since is quantised afresh from its float value. Asymmetric grids move as well."""
     model = tiny_bert(hidden=64, ffn=128).eval()
-    cfg = QATConfig(weight_bits=4, weight_range=grid)
+    cfg = QATConfig(**kw)
     quantize_model(model, cfg)
     names = list(build_plan(tiny_bert(hidden=64, ffn=128), cfg))
     baked = {n: model.get_submodule(n).weight.detach().clone() for n in names}
     scheme = build_plan(tiny_bert(hidden=64, ffn=128), cfg)[names[0]].weight
-    assert scheme.weight_range == (grid or "full")
+    assert scheme.weight_range == kw.get("weight_range", "full" if kw["weight_bits"] == 4 else "restricted")
     moved = [n for n in names if not torch.equal(fake_quantize_weight(baked[n], scheme), baked[n])]
     assert moved  # re-quantising the baked weights would change them: what the test guards against
     x = _inputs()
@@ -313,15 +315,15 @@ def test_convert_again_keeps_weights_baked_on_a_grid_that_is_not_a_fixed_point(t
     w1 = back.get_submodule(names[1]).weight.data
     w1[0, 0] = 3 * w1[0].abs().max()  # trained since: off the grid, and its row has a new scale
     fresh = fake_quantize_weight(back.get_submodule(names[1]).weight.detach(), scheme)
-    convert(back, QATConfig(weight_bits=4, weight_range=grid, export="torch-int8"))
+    convert(back, QATConfig(**kw, export="torch-int8"))
     for n in names:  # real int8 storage of the same values, bit for bit (the moved one re-quantised from its floats)
         assert torch.equal(back.get_submodule(n).dequantized_weight(), fresh if n == names[1] else baked[n]), n
     with torch.no_grad():
         out = back(**x).logits
     # bake -> save -> load -> export ships what exporting the float model directly ships
     back2 = load_pretrained(tmp_path / "baked").eval()
-    convert(back2, QATConfig(weight_bits=4, weight_range=grid, export="torch-int8"))
-    direct = quantize_model(tiny_bert(hidden=64, ffn=128).eval(), QATConfig(weight_bits=4, weight_range=grid, export="torch-int8"))
+    convert(back2, QATConfig(**kw, export="torch-int8"))
+    direct = quantize_model(tiny_bert(hidden=64, ffn=128).eval(), QATConfig(**kw, export="torch-int8"))
     with torch.no_grad():
         want = direct(**x).logits
         assert torch.equal(back2(**x).logits, want) and not torch.equal(out, want)

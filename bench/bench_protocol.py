@@ -19,6 +19,10 @@ Protocol (issue 16, "a budget that lets methods converge"; shared pieces in benc
   permutation, labels hidden (-100), mixed into the 8,000 (DistillationConfig.distill_unlabeled: the
   teacher's logits are their only target); the same 750 steps are then one epoch of 24,000 rows. The
   no-KD baseline cannot use them: that is the point of the row, and the comparison says so.
+- pruning ("prune 80% / 90%", "2:4"): the whole teacher (6 layers) keeps training for the same 750 steps while
+  PruningCallback prunes it (cubic to 60% of the steps, then recovery), with KD from the dense teacher's cached
+  logits; reported as retention against the teacher, with the issue's targets (97% / 93% / 98%). About 30-38 min
+  per run at one thread on the shared machine.
 - logit-only KD runs train on the teacher's logits cached once (``cache_teacher_logits`` with
   k = num_labels = 2, so the cache is exact for the eval-mode teacher): the same loss as online KD
   at the cost of a plain step. Hidden-state matching needs the teacher online.

@@ -327,3 +327,21 @@ def test_convert_again_keeps_weights_baked_on_a_grid_that_is_not_a_fixed_point(t
     with torch.no_grad():
         want = direct(**x).logits
         assert torch.equal(back2(**x).logits, want) and not torch.equal(out, want)
+
+
+def test_convert_again_keeps_baked_codes_of_gpt2_conv1d_layers():
+    """GPT-2's Conv1D stores its weight [in, out]: the recovered codes are taken on the [out, in] view, and the
+    int8 layers ship exactly the baked values."""
+    from hf_compress.cli.models import tiny_gpt2
+
+    model = tiny_gpt2().eval()
+    cfg = QATConfig(weight_bits=4)  # the default 4-bit grid, 'full': not a fixed point
+    quantize_model(model, cfg)
+    names = list(build_plan(tiny_gpt2(), cfg))
+    baked = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    assert type(model.get_submodule(names[0])).__name__ == "Conv1D"
+    convert(model, cfg)
+    assert all(torch.equal(model.get_submodule(n).weight, baked[n]) for n in names)
+    convert(model, QATConfig(weight_bits=4, export="torch-int8"))
+    for n in names:
+        assert torch.equal(model.get_submodule(n).dequantized_weight(), baked[n].t()), n

@@ -133,8 +133,8 @@ def convert(
         if name in before and not before_meta.get("backend") and not is_fake_quant(m) and not _fixed_point(lp.weight):
             w = m.weight.detach()
             # the search runs on the CPU (its bookkeeping tensors live there); the codes are copied to the layer
-            stored = recover_grid((w.t() if axis == 1 else w).float().cpu().contiguous(), lp.weight) \
-                if m.weight.dtype == torch.float32 else None
+            stored = recover_grid((w.t() if axis == 1 else w).cpu().contiguous(), lp.weight) \
+                if w.dtype == torch.float32 else None
         if is_fake_quant(m) and not keep:
             restore_layer(m)
         if keep:

@@ -37,6 +37,14 @@ the same with disk MB reported); the reverse (ours points a peer or baseline dom
     /tmp/hf_compress_peers/torchao/bin/python bench/bench_frontier.py     # full: every point incl. torchao
     .venv/bin/python bench/bench_frontier.py                              # full without torchao's points
     python bench/bench_frontier.py --quick                                # proves it runs; numbers meaningless
+
+The converged budget (bench_protocol's: 750 steps, its tuned student LR and best KD setting), int8 word
+embeddings on our int8 points, training split over two processes (one thread each), then one measuring run:
+
+    PY=/tmp/hf_compress_peers/torchao/bin/python; F="--steps 750 --student-lr 2e-4 --kd 4,0.9 --embedding-bits 8"
+    OMP_NUM_THREADS=1 $PY bench/bench_frontier.py $F --train-only plain3,kd3,combined,torchao-int8 &
+    OMP_NUM_THREADS=1 $PY bench/bench_frontier.py $F --train-only qat-int8,qat-int4g64,torchao-int4g64 &
+    wait; OMP_NUM_THREADS=1 $PY bench/bench_frontier.py $F
     python bench/bench_frontier.py --steps 750                            # converged budget (new cache keys)
 """
 
@@ -72,9 +80,9 @@ warnings.filterwarnings("ignore")
 ROOT = BENCH.parent
 FRONTIER = CACHE / "frontier"
 LAYERS = (0, 2, 4)
-STUDENT_LR = 1e-4   # bench_distillation.STUDENT_LR
+STUDENT_LR = 1e-4   # bench_distillation.STUDENT_LR (--student-lr)
 QAT_LR = 2e-5       # bench_qat.LR = torchao_qat.LR
-KD = dict(temperature=2.0, alpha=0.5)
+KD = dict(temperature=2.0, alpha=0.5)  # --kd T,alpha
 INT8 = dict(weight_bits=8, activation_bits=8, observer="dynamic", export="torch-int8")  # bench_qat "int8"
 INT4 = dict(weight_bits=4, group_size=64)                                              # bench_qat "int4 g64"
 SEQ_LEN = 32
@@ -128,19 +136,33 @@ def torch_save_mb(model) -> float:
 class Trainings:
     """Each trained model: trained once into bench/.cache/frontier/<key>/, then loaded from there."""
 
-    def __init__(self, base, base_dir: Path, sizes: dict, steps: int, tok, train_ds):
+    def __init__(self, base, base_dir: Path, sizes: dict, steps: int, tok, train_ds, student_lr: float = STUDENT_LR,
+                 kd: dict = KD, embedding_bits: int | None = None, train_only: set | None = None):
         self.base, self.base_dir, self.sizes, self.steps, self.tok, self.train_ds = base, base_dir, sizes, steps, tok, train_ds
+        self.student_lr, self.kd, self.embedding_bits = student_lr, dict(kd), embedding_bits
+        self.train_only = train_only  # None: train what is missing; else only these (short names) and skip the rest
         self.info: dict[str, dict] = {}
+        # cache-name suffixes: empty at the defaults, so the short budget's cache keys stay what they were
+        self.kd_tag = f"T{kd['temperature']:g}a{kd['alpha']:g}"
+        self.emb_tag = f"-emb{embedding_bits}" if embedding_bits else ""
+        self.int8 = {**INT8, **({"embedding_bits": embedding_bits} if embedding_bits else {})}
+
+    def wanted(self, short: str) -> bool:
+        return self.train_only is None or short in self.train_only
 
     def _trainee(self, student: bool):
         torch.manual_seed(SEED)
         m = student_from_teacher(self.base, layers=LAYERS) if student else copy.deepcopy(self.base)
         return m.train()
 
-    def get(self, name: str, lr: float, build) -> Path:
-        """build(tmp_dir) -> dict of training facts; its model saved in tmp_dir. Returns the cache folder."""
+    def get(self, name: str, lr: float, build, short: str | None = None) -> Path | None:
+        """build(tmp_dir) -> dict of training facts; its model saved in tmp_dir. Returns the cache folder, or None
+        when `--train-only` leaves this model (short name `short`, default `name`) to another process."""
         folder = FRONTIER / key(name, self.sizes, self.steps, lr)
         if not (folder / "train.json").exists():
+            if not self.wanted(short or name):
+                print(f"[frontier] {folder.name}: not trained here (--train-only)", flush=True)
+                return None
             print(f"[frontier] training {folder.name} ({self.steps} steps)", flush=True)
             t0 = time.time()
 
@@ -168,24 +190,25 @@ class Trainings:
 
     def plain_student(self) -> Path:
         def build(tmp):
-            trainer, step_s = train(self._trainee(True), self.train_ds, self._args(tmp, STUDENT_LR), self.tok)
+            trainer, step_s = train(self._trainee(True), self.train_ds, self._args(tmp, self.student_lr), self.tok)
             return {**self._save(trainer, tmp, step_s), "recipe": f"student blocks {list(LAYERS)}, stock Trainer, no KD"}
-        return self.get("plain3", STUDENT_LR, build)
+        return self.get("plain3", self.student_lr, build)
 
     def kd_student(self) -> Path:
         def build(tmp):
-            trainer, step_s = train(self._trainee(True), self.train_ds, self._args(tmp, STUDENT_LR), self.tok,
+            trainer, step_s = train(self._trainee(True), self.train_ds, self._args(tmp, self.student_lr), self.tok,
                                     trainer_cls=DistillationTrainer, teacher_model=self.base,
-                                    distillation_config=DistillationConfig(**KD))
-            return {**self._save(trainer, tmp, step_s), "recipe": f"student blocks {list(LAYERS)}, KD logits {KD}"}
-        return self.get("kd3-T2a0.5", STUDENT_LR, build)
+                                    distillation_config=DistillationConfig(**self.kd))
+            return {**self._save(trainer, tmp, step_s), "recipe": f"student blocks {list(LAYERS)}, KD logits {self.kd}"}
+        return self.get(f"kd3-{self.kd_tag}", self.student_lr, build, short="kd3")
 
     def qat(self, label: str, cfg: dict) -> Path:
         def build(tmp):
             trainer, step_s = train(self._trainee(False), self.train_ds, self._args(tmp, QAT_LR), self.tok,
                                     callbacks=[QATCallback(QATConfig(**cfg))])
             return {**self._save(trainer, tmp, step_s), "recipe": f"teacher + QATCallback {cfg}"}
-        return self.get(f"qat-{label}", QAT_LR, build)
+        tag = f"-emb{cfg['embedding_bits']}" if cfg.get("embedding_bits") else ""
+        return self.get(f"qat-{label}{tag}", QAT_LR, build, short=f"qat-{label}")
 
     def combined(self) -> Path:
         end = max(1, int(0.7 * self.steps))
@@ -194,17 +217,18 @@ class Trainings:
         def build(tmp):
             prunes = [PruningConfig(granularity=g, target_sparsity=0.5, method="taylor", scope="local", frequency=freq,
                                     pruning_end_step=end) for g in ("heads", "neurons")]
-            cbs = [PruningCallback(p) for p in prunes] + [QATCallback(QATConfig(**INT8, qat_start_step=end))]
-            trainer, step_s = train(self._trainee(True), self.train_ds, self._args(tmp, STUDENT_LR), self.tok,
+            cbs = [PruningCallback(p) for p in prunes] + [QATCallback(QATConfig(**self.int8, qat_start_step=end))]
+            trainer, step_s = train(self._trainee(True), self.train_ds, self._args(tmp, self.student_lr), self.tok,
                                     callbacks=cbs, trainer_cls=DistillationTrainer, teacher_model=self.base,
-                                    distillation_config=DistillationConfig(**KD))
+                                    distillation_config=DistillationConfig(**self.kd))
             from hf_compress.pruning import structure
 
             return {**self._save(trainer, tmp, step_s), "structure": structure(trainer.model),
-                    "recipe": (f"student blocks {list(LAYERS)}, KD {KD}, PruningCallback heads 50% + neurons 50% "
+                    "recipe": (f"student blocks {list(LAYERS)}, KD {self.kd}, PruningCallback heads 50% + neurons 50% "
                                f"(taylor, local, every {freq} steps, done at step {end}, removed at the end), "
-                               f"QATCallback {INT8} from step {end}")}
-        return self.get("kd3-heads50-ffn50-int8", STUDENT_LR, build)
+                               f"QATCallback {self.int8} from step {end}")}
+        kd_tag = "" if self.kd == KD else f"-{self.kd_tag}"
+        return self.get(f"kd3-heads50-ffn50-int8{kd_tag}{self.emb_tag}", self.student_lr, build, short="combined")
 
 
 # ---------------------------------------------------------------------------------------------- torchao
@@ -235,6 +259,8 @@ def torchao_points(tr: Trainings):
                     "recipe": f"torchao QATConfig({type(cfg).__name__}) prepare -> Trainer -> convert, transformer-block Linears"}
 
         folder = tr.get(f"torchao-{label.replace(' ', '')}", QAT_LR, build)
+        if folder is None:
+            continue
         m = copy.deepcopy(tr.base).eval()
         quantize_(m, AoQAT(cfg, step="prepare"), filter_fn=only_blocks)
         m.load_state_dict(torch.load(folder / "prepared_state.pt", weights_only=True))
@@ -339,6 +365,13 @@ def main(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--repeats", type=int, default=None, help="interleaved latency repeats (default 30; --quick 3)")
     pre.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    pre.add_argument("--student-lr", type=float, default=STUDENT_LR, help="learning rate of the 3-layer students")
+    pre.add_argument("--kd", default=f"{KD['temperature']:g},{KD['alpha']:g}", help="KD temperature,alpha of the students")
+    pre.add_argument("--embedding-bits", type=int, choices=(8,), default=None,
+                     help="QATConfig.embedding_bits of our int8 points (int8 QAT, KD student + int8, combined)")
+    pre.add_argument("--train-only", default=None,
+                     help="comma list of plain3,kd3,combined,qat-int8,qat-int4g64,torchao-int8,torchao-int4g64: "
+                          "train only these (when not cached) and exit without measuring; lets two processes split it")
     known, rest = pre.parse_known_args(argv)
     a = parse_args(__doc__.split("\n")[0], rest)
     sizes, steps = a.sizes, a.sizes["steps"]
@@ -352,13 +385,19 @@ def main(argv=None):
     train_ds, val_ds = sst2(tok, sizes["train"], sizes["eval_rows"])
     base = teacher(sizes, tok).eval()
     base_dir = CACHE / f"teacher-sst2-{sizes['teacher_train']}-e{sizes['teacher_epochs']}"
-    tr = Trainings(base, base_dir, sizes, steps, tok, train_ds)
+    t, alpha = (float(x) for x in known.kd.split(","))
+    only = None if known.train_only is None else {x.strip() for x in known.train_only.split(",") if x.strip()}
+    tr = Trainings(base, base_dir, sizes, steps, tok, train_ds, student_lr=known.student_lr,
+                   kd=dict(temperature=t, alpha=alpha), embedding_bits=known.embedding_bits, train_only=only)
 
     # ---- training (each once, cached)
     t_train = time.time()
-    d_plain, d_kd, d_q8, d_q4, d_comb = tr.plain_student(), tr.kd_student(), tr.qat("int8", INT8), tr.qat("int4g64", INT4), tr.combined()
+    d_plain, d_kd, d_q8, d_q4, d_comb = tr.plain_student(), tr.kd_student(), tr.qat("int8", tr.int8), tr.qat("int4g64", INT4), tr.combined()
     ao = torchao_points(tr)
     train_minutes = (time.time() - t_train) / 60
+    if only is not None:
+        print(f"[frontier] --train-only {sorted(only)}: done in {train_minutes:.1f} min; run without it to measure", flush=True)
+        return []
 
     # ---- derived artefacts (once, cached beside their model)
     t_dir = FRONTIER / f"teacher-T{sizes['teacher_train']}e{sizes['teacher_epochs']}"
@@ -369,12 +408,12 @@ def main(argv=None):
 
         atomic_dir(ort_dyn, lambda tmp: quantize_dynamic(str(teacher_onnx / "model.onnx"), str(tmp / "model.onnx"),
                                                          weight_type=QuantType.QInt8))
-    kd_int8_dir = d_kd / "int8-ptq"
+    kd_int8_dir = d_kd / f"int8-ptq{tr.emb_tag}"
     if not (kd_int8_dir / "config.json").exists():
-        atomic_dir(kd_int8_dir, lambda tmp: quantize_model(load_pretrained(d_kd).eval(), QATConfig(**INT8)).save_pretrained(tmp))
+        atomic_dir(kd_int8_dir, lambda tmp: quantize_model(load_pretrained(d_kd).eval(), QATConfig(**tr.int8)).save_pretrained(tmp))
     onnx_dirs = {
         "plain": cached_export(d_plain, d_plain / "onnx"), "kd": cached_export(d_kd, d_kd / "onnx"),
-        "kd_int8": cached_export(kd_int8_dir, d_kd / "onnx-int8-ptq"), "q8": cached_export(d_q8, d_q8 / "onnx"),
+        "kd_int8": cached_export(kd_int8_dir, d_kd / f"onnx-int8-ptq{tr.emb_tag}"), "q8": cached_export(d_q8, d_q8 / "onnx"),
         "comb": cached_export(d_comb, d_comb / "onnx"),
     }
     int4_note = int4_onnx_support()
@@ -488,15 +527,21 @@ def main(argv=None):
         png = (RESULTS / "quick" / "frontier.png") if a.quick else (ROOT / "docs" / "frontier.png")
         plot(rows, png, title, len(val_ds))
     write("frontier", {
-        "quick": a.quick, "sizes": sizes, "steps": steps, "student_lr": STUDENT_LR, "qat_lr": QAT_LR, "kd": KD,
+        "quick": a.quick, "sizes": sizes, "steps": steps, "student_lr": tr.student_lr, "qat_lr": QAT_LR, "kd": tr.kd,
+        "embedding_bits": tr.embedding_bits,
         "repeats": repeats, "seq_len": SEQ_LEN, "threads": threads, "versions": versions,
         "latency_input": f"random token ids, sequence {SEQ_LEN}, no padding; every model interleaved in one loop (bench_onnx.interleaved_latency)",
         "domination_rule": "an ours point dominates a peer point when accuracy >= peer accuracy - 0.1 pt and latency (or disk MB) <= the peer's",
-        "notes": ("size on disk: the word-embedding table (30,522 x 384 float32 = 46.9 MB) is in every model; our "
-                  "exports keep it float32 (quantize_model / QATCallback quantise the transformer-block Linears), "
-                  "while ORT quantize_dynamic also quantises its Gather to uint8 (11.7 MB): that, not the Linears, "
-                  "is why ORT's dynamic int8 file is the smallest. 'ours 3-layer KD + int8' is PTQ (quantize_model, "
-                  "the same torch-int8 layers QAT exports) of the KD student; the combined model is trained with QAT."),
+        "notes": (("size on disk: the word-embedding table (30,522 x 384 float32 = 46.9 MB) is in every model; our "
+                   "exports keep it float32 (quantize_model / QATCallback quantise the transformer-block Linears), "
+                   "while ORT quantize_dynamic also quantises its Gather to uint8 (11.7 MB): that, not the Linears, "
+                   "is why ORT's dynamic int8 file is the smallest. " if not tr.embedding_bits else
+                   f"size on disk: our int8 points (int8 QAT, KD student + int8, combined) store the word-embedding "
+                   f"table int8 (QATConfig.embedding_bits={tr.embedding_bits}: int8 codes + one float32 scale per row); "
+                   f"the fp32 students and int4 QAT keep it float32 (46.9 MB); ORT quantize_dynamic quantises its "
+                   f"Gather to uint8. ") +
+                  "'ours 3-layer KD + int8' is PTQ (quantize_model, the same torch-int8 layers QAT exports) of the KD "
+                  "student; the combined model is trained with QAT."),
         "eval_rows": len(val_ds), "rows": rows, "skipped": skipped, "training": tr.info, "goals": goals,
         "cache": str(FRONTIER.relative_to(ROOT)), "plot": str(png.relative_to(ROOT)) if png else None,
         "minutes": {"training_this_run": train_minutes, "measurement": measure_minutes, "total": (time.time() - t_start) / 60},

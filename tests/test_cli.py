@@ -213,3 +213,42 @@ def test_overrides_after_an_option_are_overrides(tmp_path, sentiment, capsys):
     assert "max_steps: 3" in out and "seed: 7" in out
     with pytest.raises(SystemExit):
         main(["run", str(path), "--dry-run", "--no-such-flag"])
+
+
+def _start_group():
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_process_group_the_command_started_ends_with_it(tmp_path, monkeypatch, fails):
+    """gloo aborts some exits of a program that never destroyed its group: the command destroys the one it
+    started (on success and on a refused input), and leaves alone a group its caller owns."""
+    import torch.distributed as dist
+
+    import hf_compress.cli as cli
+
+    def report(args):
+        _start_group()
+        if fails:
+            raise ValueError("refused")
+        return 0
+
+    monkeypatch.setattr(cli, "_report", report)
+    assert not dist.is_initialized()
+    assert main(["report", str(tmp_path)]) == (2 if fails else 0)
+    assert not dist.is_initialized()
+
+    monkeypatch.setattr(cli, "_report", lambda args: 0)
+    _start_group()
+    try:
+        assert main(["report", str(tmp_path)]) == 0
+        assert dist.is_initialized()  # the caller's group
+    finally:
+        dist.destroy_process_group()

@@ -272,6 +272,7 @@ WORKER = textwrap.dedent("""
     dist.barrier()
     if dist.get_rank() == 0:
         print("TIMEOUT", int(timeout.total_seconds()), flush=True)
+    dist.destroy_process_group()  # as every torch program should: gloo can abort an exit that skips it
 """)
 
 

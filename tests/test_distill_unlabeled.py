@@ -159,6 +159,7 @@ SCRIPT = textwrap.dedent('''
                              distillation_config=DistillationConfig(alpha=ALPHA, temperature=T, distill_unlabeled=True))
     tr.train()
     save_file({k: v.contiguous() for k, v in tr.model.state_dict().items()}, f"{out}/rank{dist.get_rank()}.safetensors")
+    dist.destroy_process_group()  # as every torch program should: gloo can abort an exit that skips it
 ''')
 
 

@@ -36,6 +36,7 @@ SCRIPT = textwrap.dedent('''
         message = str(e)
     with open(f"{out}/rank{dist.get_rank()}.txt", "w") as f:
         f.write(message)
+    dist.destroy_process_group()  # as every torch program should: gloo can abort an exit that skips it
 ''')
 
 

@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    group_before = _process_group_initialized()
     try:
         if args.command == "export":
             from .export import run as _export
@@ -141,6 +142,27 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hf-compress: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    finally:
+        if not group_before:
+            _end_process_group()
+
+
+def _process_group_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _end_process_group() -> None:
+    """The command is the whole program, so a process group started while it ran (by the recipe's
+    `training_args` on CPU, or by accelerate) ends with it. torch asks every program to destroy its group:
+    at interpreter exit, gloo's worker threads can otherwise still hold work objects, and their teardown
+    aborts the process (SIGABRT, "terminate called without an active exception") after a successful run.
+    Destroying is local to this rank: no collective, so a rank that failed does not wait for the others."""
+    if _process_group_initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

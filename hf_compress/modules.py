@@ -32,6 +32,14 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, LINEAR_TYPES)
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """A plain Linear / Conv1D, or one that QAT's fake quantisation only wraps for training: its class says
+    so (`hfc_float_view`), its float `weight` Parameter is still the one the optimizer updates, and the wrap
+    comes off at conversion. Converted layers (int8, 4-bit, factorised, clustered) are not plain."""
+    cls = type(module)
+    return cls in LINEAR_TYPES or (getattr(cls, "hfc_float_view", False) and getattr(cls, "hfc_base", None) in LINEAR_TYPES)
+
+
 def out_axis(module: nn.Module) -> int:
     """Axis of the weight that indexes output channels (0 for Linear, 1 for GPT-2's Conv1D)."""
     return 1 if Conv1D and isinstance(module, Conv1D) else 0

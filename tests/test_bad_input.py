@@ -270,6 +270,14 @@ def no_layer_count(tmp):
     student_from_teacher(teacher, layers=[0])
 
 
+def clustered_model():
+    from hf_compress.clustering import ClusteringConfig, prepare
+
+    model = tiny_bert()
+    prepare(model, ClusteringConfig(clustering_bits=2))
+    return model
+
+
 def train_with(tmp, cbs, model=None):
     causal = model is not None and not model.config.is_encoder_decoder and "LM" in type(model).__name__
     Trainer(model=model or tiny_bert(), args=args(tmp), train_dataset=TokenDataset(8, causal=causal), callbacks=cbs).train()
@@ -699,8 +707,8 @@ CASES = {
     "prune-local-too-many": (lambda t: with_callback(t, PruningCallback(PruningConfig(granularity="heads", scope="local",
                                                                                       target_sparsity=0.9))),
                              ValueError, r"every layer keeps at least one"),
-    "prune-after-qat": (lambda t: train_with(t, [QATCallback(QATConfig()), PruningCallback(PruningConfig())]), ValueError,
-                        r"put PruningCallback before QATCallback"),
+    "prune-converted": (lambda t: with_callback(t, PruningCallback(PruningConfig()), model=clustered_model()), ValueError,
+                        r"is a ClusteredLinear, not a plain Linear: it was already converted.*prune the model before converting it"),
     "prune-grads-at-step-0": (lambda t: train_with(t, [PruningCallback(PruningConfig(method="movement", pruning_start_step=0,
                                                                                      pruning_end_step=0))]),
                               ValueError, r"needs gradients before its first mask"),

@@ -492,7 +492,7 @@ RAISES = {
         ("nm_masks", "ValueError", 1): R + "Pruner refuses widths not divisible by m before training (dry-nm-divisible).",
     },
     "pruning/pruner.py": {
-        ("check_plain", "ValueError", 1): "prune-after-qat",
+        ("check_plain", "ValueError", 1): "prune-converted",
         ("Pruner.__init__", "ValueError", 1): R + "PruningConfig refuses an unknown granularity first (prune-granularity).",
         ("Pruner.__init__", "ValueError", 2): "prune-structured-peft",
         ("Pruner.__init__", "ValueError", 3): "prune-incomplete-units",
@@ -524,7 +524,7 @@ RAISES = {
         ("unit_groups", "ValueError", 1): R + "callers pass 'heads', 'neurons' or 'layers' (PruningConfig checked granularity).",
         ("check_units", "ValueError", 1): R + "unit indices come from the pruner's masks, within range (tests/test_pruning_structured.py calls it directly).",
         ("check_units", "ValueError", 2): R + "check_target keeps at least one unit per layer before training (prune-too-many-units, prune-local-too-many).",
-        ("shrink", "ValueError", 1): "prune-after-qat",
+        ("shrink", "ValueError", 1): "prune-converted",
     },
     "pruning/structured/gpt2.py": {
         ("remove_layers", "ValueError", 1): "prune-gpt2-layers-scaled",

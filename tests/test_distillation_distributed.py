@@ -10,7 +10,7 @@ import time
 import pytest
 
 SCRIPT = textwrap.dedent('''
-    import sys, warnings
+    import os, sys, warnings
     warnings.filterwarnings("ignore")
     import torch.distributed as dist
     from transformers import TrainingArguments
@@ -36,7 +36,12 @@ SCRIPT = textwrap.dedent('''
         message = str(e)
     with open(f"{out}/rank{dist.get_rank()}.txt", "w") as f:
         f.write(message)
-    dist.destroy_process_group()  # as every torch program should: gloo can abort an exit that skips it
+    dist.destroy_process_group()
+    # The trainer (its DDP wrapper) still holds the group, and gloo's threads can hold work objects whose
+    # teardown at interpreter finalisation aborts the process (SIGABRT, "terminate called without an active
+    # exception"; pytorch/pytorch#190489): about 1 run in 25 here after a training loop left by an exception.
+    # That exit is torch's, not what this test checks, so skip finalisation once the rank's result is written.
+    os._exit(0)
 ''')
 
 

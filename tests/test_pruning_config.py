@@ -67,15 +67,17 @@ def test_bad_input_fails_when_the_trainer_is_built(tmp_path, cfg, match):
         _trainer(tmp_path, cfg)
 
 
-def test_callback_order_with_qat_is_checked(tmp_path):
-    qat = pytest.importorskip("hf_compress.callbacks.qat")
+def test_a_model_already_converted_is_refused_when_the_trainer_is_built(tmp_path):
+    """Fake-quantised layers (QATCallback in the same run) are fine in either order (test_pruning_structured.py);
+    layers already converted (here clustered; int8 exports have no Linear left to target) have no float weight to mask."""
+    from hf_compress.clustering import ClusteringConfig, prepare
+
     model = tiny_bert()
+    prepare(model, ClusteringConfig(clustering_bits=2))  # the Linears now hold centroids, not free float weights
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2,
                              per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(16),
-                      callbacks=[qat.QATCallback(), PruningCallback(PruningConfig())])
-    with pytest.raises(ValueError, match="put PruningCallback before QATCallback"):
-        trainer.train()
+    with pytest.raises(ValueError, match="not a plain Linear: it was already converted"):
+        Trainer(model=model, args=args, train_dataset=TokenDataset(16), callbacks=[PruningCallback(PruningConfig())])
 
 
 def test_pruner_rejects_bad_inputs_directly():

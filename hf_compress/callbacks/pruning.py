@@ -19,7 +19,9 @@ Event by event (public TrainerCallback events only):
   saves so that no kill point (checkpoint rotation included) loses them (`hf_compress.checkpointing`).
 - on_train_end: after any best-model reload (the masks of the reloaded checkpoint come back with it),
   `hf_compress.pruning.convert` makes the model what ships: structured units removed, the run recorded
-  with the sparsity measured on the weights, so `hf_compress.load_pretrained` rebuilds it.
+  with the sparsity measured on the weights, so `hf_compress.load_pretrained` rebuilds it. Always before
+  QATCallback converts, in either list order: a QATCallback listed first runs this end itself before
+  converting (`callbacks/_finish.py`), and the Trainer's call then finds it done.
 It only touches the `model` the Trainer hands it — the student under DistillationTrainer. Two
 PruningCallbacks on one model keep separate state (`pruning_heads`, `pruning_heads_2`, ...).
 """
@@ -33,6 +35,7 @@ from ..pruning.config import PruningConfig
 from ..pruning.pruner import check_plain
 from ..sharding import is_sharded
 from ._amp import skipped_by_scaler
+from ._finish import finish_before_converting, finished_this_run
 from ._logs import LogsForIntegrations, is_training_log
 
 
@@ -99,6 +102,7 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         pruner = self._pruner(model)
         check_plain(dict(zip(pruner.names, (pruner.model.get_submodule(x) for x in pruner.names))))
+        finish_before_converting(pruner.model, self)  # QATCallback runs this end first, wherever it is listed
         c = self.config
         if c.structured and c.remove_pruned and any(is_sharded(w) for w in pruner.weights):
             raise ValueError(
@@ -175,6 +179,8 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
         return extra
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.pruner is not None and finished_this_run(self.pruner.model, self):
+            return  # a QATCallback listed before this one ran this end first (callbacks/_finish.py)
         super().on_train_end(args, state, control)
         if self.pruner is None:
             return

@@ -22,9 +22,9 @@ Event by event (public TrainerCallback events only):
   low-bit layers. Either way the scheme is recorded in the model config so `hf_compress.load_pretrained`
   rebuilds the same model. A qat_start_step at or after the run's last step is refused before training.
 
-With pruning: list `PruningCallback` before `QATCallback`. on_train_end events run in list order, so
-pruning removes its structure first and QAT then quantises the layers that remain (zeros stay zeros:
-0.0 is always on the grid).
+With pruning, in either list order: pruning masks the float weights under the fake quantisation, and
+at on_train_end it removes its structure before QAT quantises the layers that remain (a PruningCallback
+listed after this one is finished first: `callbacks/_finish.py`). Zeros stay zeros: 0.0 is on every grid.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ..quantization.config import QATConfig
 from ..quantization.observers import sync_observers
 from ..sharding import is_sharded
 from ._amp import skipped_by_scaler
+from ._finish import finish_pending
 from ._logs import LogsForIntegrations, is_training_log
 from ._steps import refuse_start_after_run
 
@@ -187,6 +188,7 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
         if self.model is None:
             return
         model = unwrap(model) if model is not None else self.model
+        finish_pending(model, args, state, control, **kwargs)  # e.g. pruning removes its units before we convert
         best = best_checkpoint(args, state)
         if best is not None:  # the Trainer reloaded the best checkpoint's weights: its observer ranges come back too
             tensors, meta = load_state(best, self.name, config=self.config)

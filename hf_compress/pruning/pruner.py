@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ..modules import LINEAR_TYPES, find_blocks, out_axis, select_modules, unwrap
+from ..modules import find_blocks, is_plain_linear, out_axis, select_modules, unwrap
 from ..sharding import full, local, shard, sum_shards
 from . import scores as S
 from .masks import GRANULARITIES, STRUCTURED, apply_masks, nm_masks, spread, unit_masks, unit_sum, unstructured_masks
@@ -24,12 +24,15 @@ from .structured import set_layer_skip, unit_groups
 
 
 def check_plain(selected: dict[str, nn.Module]) -> None:
+    """Pruning masks float weights: plain Linear layers, or ones QAT fake-quantises while training (their
+    float weight is what the mask zeroes, and 0.0 is on every grid)."""
     for name, module in selected.items():
-        if type(module) not in LINEAR_TYPES:
+        if not is_plain_linear(module):
             raise ValueError(
                 f"`{name}` is a {type(module).__name__}, not a plain Linear: it was already converted "
-                "(e.g. by QATCallback or a quantized export). Pruning sets its masks up on plain Linear layers: "
-                "put PruningCallback before QATCallback in `callbacks=[...]`, or prune before quantising."
+                "(by a quantized export, quantize_model, low-rank factorisation or clustering). Pruning sets its "
+                "masks up on float Linear layers: prune the model before converting it (PruningCallback and "
+                "QATCallback in one Trainer work in either order), or start from the float model."
             )
 
 

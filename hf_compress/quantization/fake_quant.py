@@ -53,6 +53,7 @@ class FakeQuantMixin:
     hfc_plan: LayerPlan
     hfc_axis: int
     hfc_base: type
+    hfc_float_view = True  # the float layer, wrapped for training: modules.is_plain_linear
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         act = self.hfc_plan.act

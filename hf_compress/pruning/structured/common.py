@@ -89,9 +89,9 @@ def shrink(linear: nn.Module, index: torch.Tensor, side: str) -> None:
     """Keep only `index` among the output (`side="out"`) or input (`"in"`) channels of a Linear/Conv1D."""
     if not is_linear(linear):
         raise ValueError(
-            f"Structured surgery expects Linear layers, got {type(linear).__name__}: it was converted (e.g. by a "
-            "QAT export) before the pruned units were removed. Put PruningCallback before QATCallback, or call "
-            "remove_pruned(model) before quantising."
+            f"Structured surgery expects Linear layers, got {type(linear).__name__}: it was converted (by "
+            "quantize_model or a quantized export) before the pruned units were removed. Call remove_pruned(model) "
+            "before quantising (PruningCallback with QATCallback does so in either callback order)."
         )
     oa = out_axis(linear)
     dim = oa if side == "out" else 1 - oa

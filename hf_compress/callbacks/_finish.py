@@ -1,0 +1,41 @@
+"""End of training in the right order, whatever the order of `callbacks=[...]`.
+
+The Trainer runs `on_train_end` on its callbacks in list order, and a callback never sees that list. Some
+ends must come first: `PruningCallback` removes pruned heads / neurons / layers (and records the sparsity
+of float weights), which must happen before `QATCallback` turns the layers into int8 or 4-bit ones, or
+records their shapes for reloading. So a callback whose end must precede quantisation registers itself
+on the model it trains (`finish_before_converting`), and the quantising callback runs what is still
+pending on that model (`finish_pending`) before it converts. Each registered callback's `on_train_end`
+then runs once per run: the Trainer's own later call finds it done (`finished_this_run`).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+_PENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [callbacks whose end is due]
+
+
+def finish_before_converting(model, callback) -> None:
+    """Register `callback` (at its train begin): its `on_train_end` must run before `model` is converted."""
+    pending = _PENDING.setdefault(model, [])
+    if not any(c is callback for c in pending):
+        pending.append(callback)
+
+
+def finished_this_run(model, callback) -> bool:
+    """Called first in the registered callback's `on_train_end`: True when that end already ran this run
+    (a converting callback ran it early); otherwise marks it as running now and returns False."""
+    pending = _PENDING.get(model, [])
+    for i, c in enumerate(pending):
+        if c is callback:
+            del pending[i]
+            return False
+    return True
+
+
+def finish_pending(model, args, state, control, **kwargs) -> None:
+    """Run the `on_train_end` of every callback still registered on `model` (called before converting it)."""
+    kwargs.pop("model", None)
+    for callback in list(_PENDING.get(model, [])):
+        callback.on_train_end(args, state, control, model=model, **kwargs)

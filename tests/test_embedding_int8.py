@@ -146,6 +146,25 @@ def test_export_none_keeps_float_values_on_the_grid():
     assert model.config.hf_compress["quantization"]["embedding"]["stored"] == "float"
 
 
+def test_export_none_again_keeps_a_baked_table_and_requantises_one_trained_since(tmp_path):
+    """A second convert leaves the baked table exactly as it is (the per-row grid is a fixed point); a table
+    that moved since (trained further, here reloaded and changed) goes back on its grid, as the Linears do."""
+    model = tiny_bert(hidden=64, ffn=128)
+    quantize_model(model, QATConfig(embedding_bits=8))
+    baked = model.get_input_embeddings().weight.detach().clone()
+    convert(model, QATConfig(embedding_bits=8))
+    quantize_model(model, QATConfig(embedding_bits=8))
+    assert torch.equal(model.get_input_embeddings().weight, baked)
+    model.save_pretrained(tmp_path)
+    back = load_pretrained(tmp_path)
+    with torch.no_grad():
+        back.get_input_embeddings().weight.add_(0.01 * torch.randn_like(baked))
+    moved = back.get_input_embeddings().weight.detach().clone()
+    quantize_model(back, QATConfig(embedding_bits=8))
+    q, scale = _reference(moved)
+    assert torch.equal(back.get_input_embeddings().weight.detach(), q.float() * scale[:, None])
+
+
 PLAIN = textwrap.dedent("""
     import sys
     from transformers import AutoModelForSequenceClassification

@@ -310,7 +310,11 @@ def test_convert_again_keeps_weights_baked_on_a_grid_that_is_not_a_fixed_point(t
         ref = model(**x).logits
     convert(model, cfg)  # again, in memory
     assert all(torch.equal(model.get_submodule(n).weight, baked[n]) for n in names)
+    quantize_model(model, cfg)  # PTQ again: it fake-quantises the layers before converting them
+    assert all(torch.equal(model.get_submodule(n).weight, baked[n]) for n in names)
     model.save_pretrained(tmp_path / "baked")
+    again = quantize_model(load_pretrained(tmp_path / "baked").eval(), QATConfig(**kw, export="torch-int8"))
+    assert all(torch.equal(again.get_submodule(n).dequantized_weight(), baked[n]) for n in names)
     back = load_pretrained(tmp_path / "baked").eval()
     w1 = back.get_submodule(names[1]).weight.data
     w1[0, 0] = 3 * w1[0].abs().max()  # trained since: off the grid, and its row has a new scale

@@ -128,9 +128,11 @@ def convert(
         keep = keep_input_quant and backend is None and is_fake_quant(m) and (dynamic or (obs is not None and obs.ready))
         # a float weight baked by an earlier convert (or loaded so): where re-quantising is not a fixed point of the
         # grid ('full', 'full_no_clip', asymmetric), its exact codes are recovered and kept; None once it has moved
-        # off the grid (trained further), and then it is quantised like any float weight
+        # off the grid (trained further), and then it is quantised like any float weight. Fake-quantised layers
+        # too: quantize_model inserts fake quantisation before converting, and a QAT run on a baked model trains
+        # its float weights off the grid (then nothing is recovered)
         stored = None
-        if name in before and not before_meta.get("backend") and not is_fake_quant(m) and not _fixed_point(lp.weight):
+        if name in before and not before_meta.get("backend") and not _fixed_point(lp.weight):
             w = m.weight.detach()
             # the search runs on the CPU (its bookkeeping tensors live there); the codes are copied to the layer
             stored = recover_grid((w.t() if axis == 1 else w).cpu().contiguous(), lp.weight) \

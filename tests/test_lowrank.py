@@ -216,11 +216,18 @@ def test_composes_with_qat_factors_quantised(tmp_path):
     assert torch.equal(load_pretrained(tmp_path / "out")(input_ids=batch).logits, ref)
 
 
-def test_qat_planned_before_a_mid_run_factorisation_says_what_to_do(tmp_path):
+@pytest.mark.parametrize("qat_start", [0, 2])
+def test_qat_planned_before_a_mid_run_factorisation_is_refused_before_training(tmp_path, qat_start):
+    """QAT chooses its layers when the Trainer is built; a factorisation at step 1 replaces them. With QAT from
+    step 2 that failed at step 2 (after training had started); with QAT from step 0 the factorised layers were
+    silently left unquantised (no int8 layer shipped). Now: refused at train begin, before any step."""
     lr = LowRankCallback(LowRankConfig(lowrank_rank_fraction=0.25, lowrank_start_step=1))
-    qat = QATCallback(QATConfig(weight_bits=8, activation_bits=8, qat_start_step=2))
-    with pytest.raises(AttributeError, match="list LowRankCallback before QATCallback with lowrank_start_step=0"):
-        trainer(tmp_path, [lr, qat]).train()
+    qat = QATCallback(QATConfig(weight_bits=8, activation_bits=8, qat_start_step=qat_start, export="torch-int8"))
+    t = trainer(tmp_path, [lr, qat])
+    with pytest.raises(ValueError, match=r"factorised by LowRankCallback at step 1.*list LowRankCallback before QATCallback"):
+        t.train()
+    assert t.state.global_step == 0
+    assert not any(isinstance(m, LowRankLinear) for m in t.model.modules())
 
 
 def test_composes_with_kd(tmp_path):

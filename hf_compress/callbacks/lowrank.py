@@ -7,7 +7,9 @@ Event by event (public TrainerCallback events only):
   written after the factorisation loads into it (resume, best-model reload): each targeted layer takes the
   structure and rank the checkpoint stores, before the Trainer builds its optimizer on resume.
   With lowrank_start_step=0 the layers are factorised here, before the Trainer's optimizer exists (and before
-  a QATCallback listed after this one chooses its layers, so QAT quantises the factors).
+  a QATCallback listed after this one chooses its layers, so QAT quantises the factors). With a later start the
+  layers and step are announced on the model, and a QATCallback that chose them refuses at train begin
+  (`callbacks/_order.py`).
 - on_train_begin: fix the schedule to the run's length; on resume, restore the statistics and final ranks
   from the checkpoint (refusing a different config). asvd: forward pre-hooks start collecting mean |x|.
 - on_pre_optimizer_step: fwsvd: squared gradients (final here: accumulated, clipped) added per output row;
@@ -35,6 +37,7 @@ from ..lowrank.config import LowRankConfig
 from ..modules import unwrap
 from ..pruning.schedules import is_update_step
 from ._amp import skipped_by_scaler
+from ._order import announce_mid_run_change
 from ._logs import LogsForIntegrations, is_training_log
 
 NAME = "lowrank"
@@ -108,6 +111,9 @@ class LowRankCallback(LogsForIntegrations, StatefulCallback):
         if c.lowrank_start_step == 0 and lr.final is None:  # before the optimizer exists
             lr.factorise(optimizer=None, step=0, end=c.lowrank_start_step + 1)
             self._record(lr.model)
+        elif lr.final is None:  # a QATCallback checks these at train begin (callbacks/_order.py)
+            announce_mid_run_change(lr.model, lr.names, c.lowrank_start_step,
+                                    f"factorised by LowRankCallback at step {c.lowrank_start_step} (lowrank_start_step)")
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         c = self.config

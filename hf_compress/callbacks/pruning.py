@@ -21,7 +21,7 @@ Event by event (public TrainerCallback events only):
   `hf_compress.pruning.convert` makes the model what ships: structured units removed, the run recorded
   with the sparsity measured on the weights, so `hf_compress.load_pretrained` rebuilds it. Always before
   QATCallback converts, in either list order: a QATCallback listed first runs this end itself before
-  converting (`callbacks/_finish.py`), and the Trainer's call then finds it done.
+  converting (`callbacks/_order.py`), and the Trainer's call then finds it done.
 It only touches the `model` the Trainer hands it — the student under DistillationTrainer. Two
 PruningCallbacks on one model keep separate state (`pruning_heads`, `pruning_heads_2`, ...).
 """
@@ -35,7 +35,7 @@ from ..pruning.config import PruningConfig
 from ..pruning.pruner import check_plain
 from ..sharding import is_sharded
 from ._amp import skipped_by_scaler
-from ._finish import finish_before_converting, finished_this_run
+from ._order import finish_before_converting, finished_this_run
 from ._logs import LogsForIntegrations, is_training_log
 
 
@@ -180,7 +180,7 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.pruner is not None and finished_this_run(self.pruner.model, self):
-            return  # a QATCallback listed before this one ran this end first (callbacks/_finish.py)
+            return  # a QATCallback listed before this one ran this end first (callbacks/_order.py)
         super().on_train_end(args, state, control)
         if self.pruner is None:
             return

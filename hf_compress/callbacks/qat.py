@@ -24,7 +24,7 @@ Event by event (public TrainerCallback events only):
 
 With pruning, in either list order: pruning masks the float weights under the fake quantisation, and
 at on_train_end it removes its structure before QAT quantises the layers that remain (a PruningCallback
-listed after this one is finished first: `callbacks/_finish.py`). Zeros stay zeros: 0.0 is on every grid.
+listed after this one is finished first: `callbacks/_order.py`). Zeros stay zeros: 0.0 is on every grid.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from ..quantization.config import QATConfig
 from ..quantization.observers import sync_observers
 from ..sharding import is_sharded
 from ._amp import skipped_by_scaler
-from ._finish import finish_pending
+from ._order import finish_pending, mid_run_changes
 from ._logs import LogsForIntegrations, is_training_log
 from ._steps import refuse_start_after_run
 
@@ -114,6 +114,15 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
         model = unwrap(model)
         self._plan(model)
         self._check_start(state.max_steps)
+        later = {n: w for n, (s, w) in mid_run_changes(model).items() if n in self.plan and s > state.global_step}
+        if later:
+            first = next(iter(later))
+            raise ValueError(
+                f"QATCallback: {len(later)} of the layers it quantises (e.g. `{first}`) are {later[first]}, after QAT "
+                "chose them: QAT would miss the factorised layers (they would ship unquantised) or fail when it starts. "
+                "Use lowrank_start_step=0 and list LowRankCallback before QATCallback (factorised when the Trainer is "
+                "built, so QAT quantises the factors), or keep those layers out of QAT (QATConfig.qat_exclude)."
+            )
         if any(is_sharded(p) for p in model.parameters()):
             raise ValueError(
                 "QATCallback under FSDP2: converting to what ships needs the full model, which the Trainer never "

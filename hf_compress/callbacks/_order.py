@@ -1,12 +1,18 @@
-"""End of training in the right order, whatever the order of `callbacks=[...]`.
+"""What callbacks on one model must know of each other, whatever the order of `callbacks=[...]`.
 
-The Trainer runs `on_train_end` on its callbacks in list order, and a callback never sees that list. Some
+**End of training in the right order.** The Trainer runs `on_train_end` on its callbacks in list order, and a callback never sees that list. Some
 ends must come first: `PruningCallback` removes pruned heads / neurons / layers (and records the sparsity
 of float weights), which must happen before `QATCallback` turns the layers into int8 or 4-bit ones, or
 records their shapes for reloading. So a callback whose end must precede quantisation registers itself
 on the model it trains (`finish_before_converting`), and the quantising callback runs what is still
 pending on that model (`finish_pending`) before it converts. Each registered callback's `on_train_end`
 then runs once per run: the Trainer's own later call finds it done (`finished_this_run`).
+
+**Structure that changes mid-run.** LowRankCallback with lowrank_start_step > 0 replaces Linears by factorised
+layers during training, after QATCallback chose its layers: QAT would then miss them (they would ship
+unquantised) or fail at its start step. The factorising callback announces its layers and step when the Trainer
+is built (`announce_mid_run_change`); QATCallback checks them at train begin (`mid_run_changes`) and refuses
+before the first step.
 """
 
 from __future__ import annotations
@@ -14,6 +20,17 @@ from __future__ import annotations
 import weakref
 
 _PENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [callbacks whose end is due]
+_MID_RUN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {layer name: (step, what)}
+
+
+def announce_mid_run_change(model, names, step: int, what: str) -> None:
+    """`names` (modules of `model`) stop being plain Linears at optimizer step `step`: `what` says how."""
+    _MID_RUN.setdefault(model, {}).update({n: (step, what) for n in names})
+
+
+def mid_run_changes(model) -> dict:
+    """{layer name: (step, what)} announced for `model`."""
+    return dict(_MID_RUN.get(model, {}))
 
 
 def finish_before_converting(model, callback) -> None:

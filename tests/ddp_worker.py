@@ -73,4 +73,5 @@ save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, os
 save_file(dump.tensors, os.path.join(out, f"state{rank}.safetensors"))
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"writes": writes, "world": dist.get_world_size()}, f)
-dist.destroy_process_group()  # as every torch program should: gloo can abort an exit that skips it
+dist.destroy_process_group()  # as every torch program should
+sys.stdout.flush(); os._exit(0)  # the DDP wrapper still holds the group: gloo's teardown at interpreter exit can abort (torch#190489)

@@ -19,6 +19,9 @@ What each kind of layer becomes — the same numerics the PyTorch model computes
   uint8, per tensor, range of the tensor itself: what ``torch.ops.quantized.linear_dynamic`` does) →
   ``MatMulInteger`` (int32 accumulation) → ``Cast`` → ``Mul`` by activation scale × our weight scales →
   ``Add`` bias. ONNX Runtime fuses this into its ``DynamicQuantizeMatMul`` int8 kernel.
+* an int8 word embedding (``QATConfig.embedding_bits=8``): its int8 codes and one float32 scale per row
+  (``Gather`` of both, ``Mul``), also when the model keeps it as float values on that grid (``export=None``,
+  e.g. with int4 weight-only layers): the file holds ~1 byte per entry instead of 4.
 * layers that keep quantising their input (PTQ with ``activation_bits=8``, ``export=None``): our
   calibrated per-tensor scale and zero point as ``QuantizeLinear`` → ``DequantizeLinear`` (int8) before
   the matmul (``observer='dynamic'``: ``DynamicQuantizeLinear`` → ``DequantizeLinear``, the same grid);
@@ -318,6 +321,40 @@ def _recorded_int4(model: nn.Module) -> dict[str, QScheme]:
         if name is not None and _fits_4bit(scheme):
             out[name] = scheme
     return out
+
+
+def _recorded_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(name, table) of a word embedding recorded as int8 (``QATConfig.embedding_bits=8``) but kept as float
+    values on its per-row grid (``export=None``): written as its int8 codes and scales. A table that has left
+    that grid (trained after conversion, or cast to 16 bits) is written as the floats it holds, with a warning:
+    int8 codes would not be the model's."""
+    from .modules import local_name
+    from .quantization.embedding import Int8Embedding
+
+    meta = get_metadata(model).get("quantization") or {}
+    e = meta.get("embedding") if isinstance(meta, dict) else None
+    if not isinstance(e, dict) or e.get("stored") != "float" or not isinstance(e.get("name"), str):
+        return None
+    modules = dict(model.named_modules())
+    name = local_name(model, e["name"], modules)
+    table = modules.get(name) if name is not None else None
+    if type(table) is not nn.Embedding:
+        return None
+    with torch.no_grad():
+        on_grid = table.weight.dtype == torch.float32 and torch.equal(
+            Int8Embedding.from_float(table).dequantized_weight(), table.weight)
+    if not on_grid:
+        import warnings
+
+        warnings.warn(
+            f"export_onnx: {name} is recorded as an int8 word embedding (QATConfig.embedding_bits=8, export=None) "
+            f"but the table ({table.weight.dtype}) is no longer on its per-row int8 grid (changed after quantisation, "
+            "or rounded to 16 bits?): it is written as the float values it holds, 4 bytes per entry. For the int8 "
+            "table, quantise the float32 model again (quantize_model with embedding_bits=8) before exporting.",
+            stacklevel=3,
+        )
+        return None
+    return name, table
 
 
 def _packable_int8(m: Int8Linear) -> bool:
@@ -627,6 +664,7 @@ def onnx_ready_copy(
 ) -> tuple[nn.Module, dict[str, int]]:
     """A copy of `model` whose special layers are the export stand-ins above; counts of each kind."""
     int4_layers = check_exportable(model, int4, accuracy_level)
+    embedding = _recorded_embedding(model)
     attn = getattr(model.config, "_attn_implementation", None)
     model = copy.deepcopy(model).eval()
     # a deep copy of a model whose config hf_compress re-classed (after pruning / quantisation records) comes
@@ -637,7 +675,13 @@ def onnx_ready_copy(
             cfg._attn_implementation = attn
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in model.state_dict().values()):
         nn.Module.float(model)  # ONNX export in float32 (transformers' own .float() refuses quantised models)
-    counts = {"int8_linear": 0, "input_quant_linear": 0, "fake_quant_weight": 0, "int4_matmulnbits": 0, "int4_int8_gemm": 0}
+    counts = {"int8_linear": 0, "input_quant_linear": 0, "fake_quant_weight": 0, "int4_matmulnbits": 0, "int4_int8_gemm": 0,
+              "int8_embedding": 0}
+    if embedding is not None:  # int8 codes + one scale per row (Gather, Mul), exactly the float values it holds
+        from .quantization.embedding import Int8Embedding
+
+        name = embedding[0]
+        replace_module(model, name, Int8Embedding.from_float(model.get_submodule(name)).eval())
     for name, m in list(model.named_modules()):
         if name in int4_layers:
             d = int4_layers[name]
@@ -660,6 +704,9 @@ def onnx_ready_copy(
                 with torch.no_grad():
                     m.weight.copy_(w)
                 counts["fake_quant_weight"] += 1
+    from .quantization.embedding import Int8Embedding
+
+    counts["int8_embedding"] = sum(isinstance(m, Int8Embedding) for m in model.modules())
     return model, counts
 
 

@@ -239,7 +239,7 @@ def test_tied_embeddings_refused_before_anything_changes(tmp_path):
 
 
 def test_onnx_export_is_exact_or_refused(converted, tmp_path):
-    """export_onnx (hf_compress/onnx.py, not changed here) traces Int8Embedding as Gather(int8) · Gather(scale):
+    """export_onnx traces Int8Embedding as Gather(int8) · Gather(scale):
     either refused naming embedding_bits, or exported with the int8 table and verified against PyTorch."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -259,3 +259,54 @@ def test_onnx_export_is_exact_or_refused(converted, tmp_path):
     report = json.loads((tmp_path / "onnx" / "onnx_export.json").read_text())
     ref = report["verification"]
     assert ref["max_abs_diff"] <= 1e-4 * (1 + ref["max_abs_reference"])
+
+
+def test_onnx_writes_a_float_stored_table_as_int8_codes(tmp_path):
+    """export=None keeps the table as float values on its per-row grid (e.g. beside int4 weight-only layers);
+    export_onnx writes those values as the int8 codes and scales, and ONNX Runtime computes the model's logits.
+    A table moved off the grid since is written as its floats, with a warning."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    from hf_compress.onnx import export_onnx, ort_session
+
+    model = tiny_bert(hidden=64, ffn=128)
+    quantize_model(model, QATConfig(weight_bits=4, group_size=32, embedding_bits=8))
+    assert model.config.hf_compress["quantization"]["embedding"]["stored"] == "float"
+    d = tmp_path / "int4-emb8"
+    model.save_pretrained(d)
+    info = export_onnx(d, tmp_path / "onnx", int4="matmulnbits")
+    assert info["layers"]["int8_embedding"] == 1 and info["layers"]["int4_matmulnbits"] > 0
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    tables = {t.name: t for t in graph.initializer if "word_embeddings" in t.name}
+    codes = [t for t in tables.values() if t.data_type == onnx.TensorProto.INT8]
+    assert len(codes) == 1 and list(codes[0].dims) == list(model.get_input_embeddings().weight.shape), tables.keys()
+    q, scale = _reference(model.get_input_embeddings().weight.detach())
+    assert torch.equal(torch.from_numpy(onnx.numpy_helper.to_array(codes[0]).copy()), q)
+    # ONNX Runtime against the reloaded PyTorch model, on a batch of its own
+    back = load_pretrained(d).eval()
+    batch = _batch(5, seed=11)
+    sess = ort_session(tmp_path / "onnx")
+    feed = {i.name: batch[i.name].numpy() if i.name in batch else torch.zeros_like(batch["input_ids"]).numpy()
+            for i in sess.get_inputs()}
+    got = torch.from_numpy(sess.run(None, feed)[0])
+    ref = _logits(back, batch)
+    assert (got - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
+    # float export of the same model (no int8 record): the table file is ~4x larger
+    plain = tiny_bert(hidden=64, ffn=128)
+    quantize_model(plain, QATConfig(weight_bits=4, group_size=32))
+    export_onnx(plain, tmp_path / "onnx-float-table", int4="matmulnbits")
+    n = model.get_input_embeddings().weight.numel()
+    def table_bytes(folder):
+        g = onnx.load(str(folder / "model.onnx")).graph
+        return sum(len(t.raw_data) for t in g.initializer if "word_embeddings" in t.name)
+    assert table_bytes(tmp_path / "onnx") <= n + 4 * model.config.vocab_size
+    assert table_bytes(tmp_path / "onnx-float-table") == 4 * n
+    # off the grid (trained since): the floats it holds, with a warning naming the fix; int8 codes would not be the model's
+    with torch.no_grad():
+        back.get_input_embeddings().weight.add_(1e-3)
+    with pytest.warns(UserWarning, match=r"no longer on its per-row int8 grid.*quantize_model with embedding_bits=8"):
+        info = export_onnx(back, tmp_path / "moved")
+    assert info["layers"]["int8_embedding"] == 0 and table_bytes(tmp_path / "moved") == 4 * n
+    assert info["verification"]["max_abs_diff"] <= 1e-4 * (1 + info["verification"]["max_abs_reference"])

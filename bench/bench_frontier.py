@@ -45,6 +45,12 @@ embeddings on our int8 points, training split over two processes (one thread eac
     OMP_NUM_THREADS=1 $PY bench/bench_frontier.py $F --train-only plain3,kd3,combined,torchao-int8 &
     OMP_NUM_THREADS=1 $PY bench/bench_frontier.py $F --train-only qat-int8,qat-int4g64,torchao-int4g64 &
     wait; OMP_NUM_THREADS=1 $PY bench/bench_frontier.py $F
+
+Seeds: ``--seeds 42,43,44`` trains and evaluates the ``--seeded`` points (default qat-int8,torchao-int8: the
+pair the domination rule separated by one sentence at seed 42) with every seed; their accuracy is the mean
+(per seed in accuracy_seeds), their latency and disk size the first seed's model. The other seeds' trainings
+split the same way (``--seeds 43,44 --train-only qat-int8`` beside ``--seeds 43,44 --train-only torchao-int8``),
+then ``$PY bench/bench_frontier.py $F --seeds 42,43,44`` measures.
     python bench/bench_frontier.py --steps 750                            # converged budget (new cache keys)
 """
 
@@ -56,6 +62,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -90,9 +97,9 @@ TOL = 0.001  # 0.1 accuracy point
 
 
 # ------------------------------------------------------------------------------------------ cache helpers
-def key(name: str, sizes: dict, steps: int, lr: float) -> str:
+def key(name: str, sizes: dict, steps: int, lr: float, seed: int = SEED) -> str:
     return (f"{name}-T{sizes['teacher_train']}e{sizes['teacher_epochs']}-rows{sizes['train']}"
-            f"-steps{steps}-lr{lr:g}-seed{SEED}")
+            f"-steps{steps}-lr{lr:g}-seed{seed}")
 
 
 def atomic_dir(final: Path, write_fn) -> Path:
@@ -137,8 +144,9 @@ class Trainings:
     """Each trained model: trained once into bench/.cache/frontier/<key>/, then loaded from there."""
 
     def __init__(self, base, base_dir: Path, sizes: dict, steps: int, tok, train_ds, student_lr: float = STUDENT_LR,
-                 kd: dict = KD, embedding_bits: int | None = None, train_only: set | None = None):
+                 kd: dict = KD, embedding_bits: int | None = None, train_only: set | None = None, seed: int = SEED):
         self.base, self.base_dir, self.sizes, self.steps, self.tok, self.train_ds = base, base_dir, sizes, steps, tok, train_ds
+        self.seed = seed
         self.student_lr, self.kd, self.embedding_bits = student_lr, dict(kd), embedding_bits
         self.train_only = train_only  # None: train what is missing; else only these (short names) and skip the rest
         self.info: dict[str, dict] = {}
@@ -147,18 +155,24 @@ class Trainings:
         self.emb_tag = f"-emb{embedding_bits}" if embedding_bits else ""
         self.int8 = {**INT8, **({"embedding_bits": embedding_bits} if embedding_bits else {})}
 
+    def for_seed(self, seed: int, train_only: set | None) -> "Trainings":
+        """The same trainings with another seed (model init draws and data order), training only `train_only`."""
+        other = copy.copy(self)
+        other.seed, other.train_only, other.info = seed, train_only, {}
+        return other
+
     def wanted(self, short: str) -> bool:
         return self.train_only is None or short in self.train_only
 
     def _trainee(self, student: bool):
-        torch.manual_seed(SEED)
+        torch.manual_seed(self.seed)
         m = student_from_teacher(self.base, layers=LAYERS) if student else copy.deepcopy(self.base)
         return m.train()
 
     def get(self, name: str, lr: float, build, short: str | None = None) -> Path | None:
         """build(tmp_dir) -> dict of training facts; its model saved in tmp_dir. Returns the cache folder, or None
         when `--train-only` leaves this model (short name `short`, default `name`) to another process."""
-        folder = FRONTIER / key(name, self.sizes, self.steps, lr)
+        folder = FRONTIER / key(name, self.sizes, self.steps, lr, self.seed)
         if not (folder / "train.json").exists():
             if not self.wanted(short or name):
                 print(f"[frontier] {folder.name}: not trained here (--train-only)", flush=True)
@@ -168,7 +182,7 @@ class Trainings:
 
             def write_fn(tmp):
                 facts = build(tmp)
-                facts.update(name=name, steps=self.steps, lr=lr, seed=SEED, train_rows=self.sizes["train"],
+                facts.update(name=name, steps=self.steps, lr=lr, seed=self.seed, train_rows=self.sizes["train"],
                              teacher=str(self.base_dir.relative_to(ROOT)), minutes=(time.time() - t0) / 60)
                 (tmp / "train.json").write_text(json.dumps(facts, indent=1))
 
@@ -181,7 +195,9 @@ class Trainings:
         return folder
 
     def _args(self, tmp: Path, lr: float):
-        return training_args(str(tmp / "run"), steps=self.steps, lr=lr)
+        args = training_args(str(tmp / "run"), steps=self.steps, lr=lr)
+        args.seed = args.data_seed = self.seed  # model init draws and data order (bench_protocol does the same)
+        return args
 
     def _save(self, trainer, tmp: Path, step_s: float) -> dict:
         trainer.model.save_pretrained(tmp)
@@ -233,7 +249,8 @@ class Trainings:
 
 # ---------------------------------------------------------------------------------------------- torchao
 def torchao_points(tr: Trainings):
-    """{name: (model, facts)} of torchao QAT int8 / int4 g64, or a reason string when torchao is missing."""
+    """{label: (model, cache folder)} of torchao QAT int8 / int4 g64 (those trained or cached: `--train-only`
+    leaves some to another process), or a reason string when torchao is missing."""
     try:
         import torchao
         from torchao.quantization import quantize_
@@ -261,11 +278,15 @@ def torchao_points(tr: Trainings):
         folder = tr.get(f"torchao-{label.replace(' ', '')}", QAT_LR, build)
         if folder is None:
             continue
-        m = copy.deepcopy(tr.base).eval()
-        quantize_(m, AoQAT(cfg, step="prepare"), filter_fn=only_blocks)
-        m.load_state_dict(torch.load(folder / "prepared_state.pt", weights_only=True))
-        quantize_(m, AoQAT(cfg, step="convert"), filter_fn=only_blocks)
-        out[label] = (m.eval(), folder)
+
+        def load(folder, cfg=cfg):
+            m = copy.deepcopy(tr.base).eval()
+            quantize_(m, AoQAT(cfg, step="prepare"), filter_fn=only_blocks)
+            m.load_state_dict(torch.load(folder / "prepared_state.pt", weights_only=True))
+            quantize_(m, AoQAT(cfg, step="convert"), filter_fn=only_blocks)
+            return m.eval()
+
+        out[label] = (load(folder), folder, load)
     return out
 
 
@@ -368,10 +389,16 @@ def main(argv=None):
     pre.add_argument("--student-lr", type=float, default=STUDENT_LR, help="learning rate of the 3-layer students")
     pre.add_argument("--kd", default=f"{KD['temperature']:g},{KD['alpha']:g}", help="KD temperature,alpha of the students")
     pre.add_argument("--embedding-bits", type=int, choices=(8,), default=None,
-                     help="QATConfig.embedding_bits of our int8 points (int8 QAT, KD student + int8, combined)")
+                     help="QATConfig.embedding_bits of our quantised points (int8 QAT, KD student + int8, combined; "
+                          "int4 QAT: quantize_model with it on the trained model, the same conversion, no retraining)")
     pre.add_argument("--train-only", default=None,
                      help="comma list of plain3,kd3,combined,qat-int8,qat-int4g64,torchao-int8,torchao-int4g64: "
                           "train only these (when not cached) and exit without measuring; lets two processes split it")
+    pre.add_argument("--seeds", default=str(SEED),
+                     help="comma list of training seeds; the first one's models give every point's latency and disk size, "
+                          "the points named in --seeded are also trained and evaluated with the others (accuracy: mean)")
+    pre.add_argument("--seeded", default="qat-int8,torchao-int8",
+                     help="the trained points (--train-only names) that run with every seed of --seeds")
     known, rest = pre.parse_known_args(argv)
     a = parse_args(__doc__.split("\n")[0], rest)
     sizes, steps = a.sizes, a.sizes["steps"]
@@ -387,13 +414,25 @@ def main(argv=None):
     base_dir = CACHE / f"teacher-sst2-{sizes['teacher_train']}-e{sizes['teacher_epochs']}"
     t, alpha = (float(x) for x in known.kd.split(","))
     only = None if known.train_only is None else {x.strip() for x in known.train_only.split(",") if x.strip()}
+    seeds = [int(x) for x in known.seeds.split(",") if x.strip()]
+    seeded = {x.strip() for x in known.seeded.split(",") if x.strip()}
     tr = Trainings(base, base_dir, sizes, steps, tok, train_ds, student_lr=known.student_lr,
-                   kd=dict(temperature=t, alpha=alpha), embedding_bits=known.embedding_bits, train_only=only)
+                   kd=dict(temperature=t, alpha=alpha), embedding_bits=known.embedding_bits, train_only=only, seed=seeds[0])
+    getters = {"plain3": lambda t: t.plain_student(), "kd3": lambda t: t.kd_student(),
+               "qat-int8": lambda t: t.qat("int8", t.int8), "qat-int4g64": lambda t: t.qat("int4g64", INT4),
+               "combined": lambda t: t.combined()}
 
     # ---- training (each once, cached)
     t_train = time.time()
-    d_plain, d_kd, d_q8, d_q4, d_comb = tr.plain_student(), tr.kd_student(), tr.qat("int8", tr.int8), tr.qat("int4g64", INT4), tr.combined()
+    d_plain, d_kd, d_q8, d_q4, d_comb = (getters[k](tr) for k in ("plain3", "kd3", "qat-int8", "qat-int4g64", "combined"))
     ao = torchao_points(tr)
+    seed_folders: dict[int, dict[str, Path]] = {}  # the other seeds' cache folders of the --seeded points
+    for s in seeds[1:]:
+        ts = tr.for_seed(s, only if only is not None else seeded)
+        seed_folders[s] = {k: g(ts) for k, g in getters.items() if k in seeded}
+        if not isinstance(ao, str) and any(k.startswith("torchao-") for k in seeded):
+            seed_folders[s].update({f"torchao-{label.replace(' ', '')}": folder
+                                    for label, (_, folder, _) in torchao_points(ts).items()})
     train_minutes = (time.time() - t_train) / 60
     if only is not None:
         print(f"[frontier] --train-only {sorted(only)}: done in {train_minutes:.1f} min; run without it to measure", flush=True)
@@ -408,32 +447,53 @@ def main(argv=None):
 
         atomic_dir(ort_dyn, lambda tmp: quantize_dynamic(str(teacher_onnx / "model.onnx"), str(tmp / "model.onnx"),
                                                          weight_type=QuantType.QInt8))
-    kd_int8_dir = d_kd / f"int8-ptq{tr.emb_tag}"
-    if not (kd_int8_dir / "config.json").exists():
-        atomic_dir(kd_int8_dir, lambda tmp: quantize_model(load_pretrained(d_kd).eval(), QATConfig(**tr.int8)).save_pretrained(tmp))
-    onnx_dirs = {
-        "plain": cached_export(d_plain, d_plain / "onnx"), "kd": cached_export(d_kd, d_kd / "onnx"),
-        "kd_int8": cached_export(kd_int8_dir, d_kd / f"onnx-int8-ptq{tr.emb_tag}"), "q8": cached_export(d_q8, d_q8 / "onnx"),
-        "comb": cached_export(d_comb, d_comb / "onnx"),
-    }
+    def onnx_of(d: Path) -> Path:
+        return cached_export(d, d / "onnx")
+
+    def kd_int8_onnx(d: Path) -> Path:  # PTQ of a KD student: the torch-int8 layers QAT exports
+        q = d / f"int8-ptq{tr.emb_tag}"
+        if not (q / "config.json").exists():
+            atomic_dir(q, lambda tmp: quantize_model(load_pretrained(d).eval(), QATConfig(**tr.int8)).save_pretrained(tmp))
+        return cached_export(q, d / f"onnx-int8-ptq{tr.emb_tag}")
+
+    def int4_onnx(d: Path) -> Path:
+        """int4 QAT through MatMulNBits; with --embedding-bits the word embedding on its int8 grid too. QAT keeps
+        the table float and quantises it at convert (QATConfig.embedding_bits), so quantize_model with that field
+        on the trained model is the same conversion; its Linears must come back unchanged (checked)."""
+        src = d
+        if tr.embedding_bits:
+            src = d / f"emb{tr.embedding_bits}"
+            if not (src / "config.json").exists():
+                atomic_dir(src, lambda tmp: quantize_model(load_pretrained(d).eval(), QATConfig(
+                    **INT4, embedding_bits=tr.embedding_bits)).save_pretrained(tmp))
+            a, b = load_pretrained(d).state_dict(), load_pretrained(src).state_dict()
+            moved = [k for k in a if "embeddings.word" not in k and not torch.equal(a[k], b[k])]
+            if moved:
+                raise RuntimeError(f"quantize_model(embedding_bits) moved {moved[:3]} of {d.name}")
+        return cached_export(src, d / f"onnx-matmulnbits{tr.emb_tag}", int4="matmulnbits")
+
+    onnx_dirs = {"plain": onnx_of(d_plain), "kd": onnx_of(d_kd), "kd_int8": kd_int8_onnx(d_kd), "q8": onnx_of(d_q8),
+                 "comb": onnx_of(d_comb)}
     int4_note = int4_onnx_support()
     if int4_note is None:
         try:
-            onnx_dirs["q4"] = cached_export(d_q4, d_q4 / "onnx-matmulnbits", int4="matmulnbits")
+            onnx_dirs["q4"] = int4_onnx(d_q4)
             layers = json.loads((onnx_dirs["q4"] / "onnx_export.json").read_text())["layers"]
             if not layers.get("int4_matmulnbits"):
                 int4_note = f"export_onnx wrote no MatMulNBits layer ({layers})"
                 del onnx_dirs["q4"]
         except Exception as e:  # reported, not hidden
             int4_note = f"export_onnx(int4='matmulnbits') failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            shutil.rmtree(d_q4 / "onnx-matmulnbits", ignore_errors=True)
+            shutil.rmtree(d_q4 / f"onnx-matmulnbits{tr.emb_tag}", ignore_errors=True)
 
     # ---- the points: (name, short label, kind, runtime, model, disk MB, what the disk size counts, training key)
     points = []
 
-    def add(name, short, kind, runtime, model, disk, disk_what, trained=None):
+    def add(name, short, kind, runtime, model, disk, disk_what, trained=None, train_name=None, reload=None):
+        """`train_name` (a --train-only name) and `reload` (its cache folder -> the model as measured): how the
+        other seeds' models of this point are evaluated."""
         points.append(dict(name=name, short=short, kind=kind, runtime=runtime, model=model, disk_MB=disk,
-                           disk_files=disk_what, training=trained))
+                           disk_files=disk_what, training=trained, train_name=train_name, reload=reload))
 
     ort = lambda d: OrtModel(d, threads)  # noqa: E731
     add("teacher fp32 (PyTorch)", "teacher fp32", "baseline", "PyTorch", base, safetensors_mb(base_dir), "safetensors")
@@ -442,49 +502,62 @@ def main(argv=None):
     add("teacher + torch.ao quantize_dynamic int8 (PyTorch)", "torch dyn int8", "peer", "PyTorch", tq, torch_save_mb(tq),
         "torch.save(state_dict) (packed int8 params: no safetensors)")
     add("teacher + ORT quantize_dynamic int8 (ORT)", "ORT dyn int8", "peer", "ORT", ort(ort_dyn), onnx_mb(ort_dyn), "model.onnx")
-    add("3-layer student, no KD (PyTorch)", "3L no-KD", "peer", "PyTorch", load_pretrained(d_plain).eval(),
-        safetensors_mb(d_plain), "safetensors", d_plain.name)
+    pt = lambda d: load_pretrained(d).eval()  # noqa: E731
+    add("3-layer student, no KD (PyTorch)", "3L no-KD", "peer", "PyTorch", pt(d_plain),
+        safetensors_mb(d_plain), "safetensors", d_plain.name, "plain3", pt)
     add("3-layer student, no KD (ORT)", "3L no-KD ORT", "peer", "ORT", ort(onnx_dirs["plain"]), onnx_mb(onnx_dirs["plain"]),
-        "model.onnx", d_plain.name)
+        "model.onnx", d_plain.name, "plain3", lambda d: ort(onnx_of(d)))
     skipped = []
     if isinstance(ao, str):
         skipped += [{"name": f"torchao QAT {label} (PyTorch)", "kind": "peer", "reason": ao} for label in ("int8", "int4 g64")]
     else:
-        for label, (m, folder) in ao.items():
+        for label, (m, folder, load) in ao.items():
             add(f"torchao QAT {label} (PyTorch)", f"torchao QAT {label}", "peer", "PyTorch", m, torch_save_mb(m),
-                "torch.save(state_dict) (torchao tensor subclasses)", folder.name)
+                "torch.save(state_dict) (torchao tensor subclasses)", folder.name, f"torchao-{label.replace(' ', '')}", load)
     skipped.append({"name": "TRL distillation", "kind": "peer",
                     "reason": ("does not apply: TRL's distillation (GKDTrainer, DistillationTrainer) trains causal LMs on "
                                "generated / supervised token sequences; SST-2 here is sequence classification (no point)")})
-    add("ours int8 QAT (PyTorch torch-int8)", "int8 QAT", "ours", "PyTorch", load_pretrained(d_q8).eval(),
-        safetensors_mb(d_q8), "safetensors", d_q8.name)
-    add("ours int8 QAT (ORT)", "int8 QAT ORT", "ours", "ORT", ort(onnx_dirs["q8"]), onnx_mb(onnx_dirs["q8"]), "model.onnx", d_q8.name)
+    add("ours int8 QAT (PyTorch torch-int8)", "int8 QAT", "ours", "PyTorch", pt(d_q8),
+        safetensors_mb(d_q8), "safetensors", d_q8.name, "qat-int8", pt)
+    add("ours int8 QAT (ORT)", "int8 QAT ORT", "ours", "ORT", ort(onnx_dirs["q8"]), onnx_mb(onnx_dirs["q8"]), "model.onnx",
+        d_q8.name, "qat-int8", lambda d: ort(onnx_of(d)))
     if "q4" in onnx_dirs:
         add("ours int4 g64 QAT (ORT MatMulNBits)", "int4 QAT ORT", "ours", "ORT", ort(onnx_dirs["q4"]), onnx_mb(onnx_dirs["q4"]),
-            "model.onnx", d_q4.name)
+            "model.onnx", d_q4.name, "qat-int4g64", lambda d: ort(int4_onnx(d)))
     else:
         skipped.append({"name": "ours int4 g64 QAT (ORT MatMulNBits)", "kind": "ours", "reason": int4_note})
-    add("ours 3-layer KD fp32 (PyTorch)", "3L KD", "ours", "PyTorch", load_pretrained(d_kd).eval(), safetensors_mb(d_kd),
-        "safetensors", d_kd.name)
-    add("ours 3-layer KD fp32 (ORT)", "3L KD ORT", "ours", "ORT", ort(onnx_dirs["kd"]), onnx_mb(onnx_dirs["kd"]), "model.onnx", d_kd.name)
+    add("ours 3-layer KD fp32 (PyTorch)", "3L KD", "ours", "PyTorch", pt(d_kd), safetensors_mb(d_kd),
+        "safetensors", d_kd.name, "kd3", pt)
+    add("ours 3-layer KD fp32 (ORT)", "3L KD ORT", "ours", "ORT", ort(onnx_dirs["kd"]), onnx_mb(onnx_dirs["kd"]), "model.onnx",
+        d_kd.name, "kd3", lambda d: ort(onnx_of(d)))
     add("ours 3-layer KD + int8 PTQ (ORT)", "3L KD int8 ORT", "ours", "ORT", ort(onnx_dirs["kd_int8"]),
-        onnx_mb(onnx_dirs["kd_int8"]), "model.onnx", d_kd.name)
+        onnx_mb(onnx_dirs["kd_int8"]), "model.onnx", d_kd.name, "kd3", lambda d: ort(kd_int8_onnx(d)))
     add("ours 3-layer KD + 50% heads + 50% FFN + int8 QAT (PyTorch)", "3L KD prune int8", "ours", "PyTorch",
-        load_pretrained(d_comb).eval(), safetensors_mb(d_comb), "safetensors", d_comb.name)
+        pt(d_comb), safetensors_mb(d_comb), "safetensors", d_comb.name, "combined", pt)
     add("ours 3-layer KD + 50% heads + 50% FFN + int8 QAT (ORT)", "3L KD prune int8 ORT", "ours", "ORT", ort(onnx_dirs["comb"]),
-        onnx_mb(onnx_dirs["comb"]), "model.onnx", d_comb.name)
+        onnx_mb(onnx_dirs["comb"]), "model.onnx", d_comb.name, "combined", lambda d: ort(onnx_of(d)))
 
     # ---- measurement: accuracy, then latency interleaved across every model
     t_meas = time.time()
+    acc = lambda m: ort_accuracy(m, val_ds, tok) if isinstance(m, OrtModel) else accuracy(m, val_ds, tok)  # noqa: E731
     for p in points:
-        m = p["model"]
-        p["accuracy"] = ort_accuracy(m, val_ds, tok) if isinstance(m, OrtModel) else accuracy(m, val_ds, tok)
+        p["accuracy"] = acc(p["model"])
         print(f"[frontier] {p['name']}: accuracy {p['accuracy']:.4f}, {p['disk_MB']:.1f} MB", flush=True)
     lat = interleaved_latency({p["name"]: p["model"] for p in points}, (1, 32), SEQ_LEN, repeats)
+    for p in points:  # the --seeded points: accuracy = mean over the seeds (latency, disk: the first seed's model)
+        per_seed = {seeds[0]: p["accuracy"]}
+        for s in seeds[1:]:
+            folder = seed_folders.get(s, {}).get(p["train_name"])
+            if folder is not None:
+                per_seed[s] = acc(p["reload"](folder))
+        if len(per_seed) > 1:
+            vals = list(per_seed.values())
+            p.update(accuracy=sum(vals) / len(vals), accuracy_std=statistics.stdev(vals), accuracy_seeds=per_seed)
+            print(f"[frontier] {p['name']}: accuracy per seed {per_seed}, mean {p['accuracy']:.4f}", flush=True)
     rows = []
     t_ref = lat["teacher fp32 (PyTorch)"]
     for p in points:
-        r = {k: v for k, v in p.items() if k != "model"}
+        r = {k: v for k, v in p.items() if k not in ("model", "reload")}
         r["latency_b1_ms"], r["latency_b32_ms"] = 1e3 * lat[p["name"]]["b1"], 1e3 * lat[p["name"]]["b32"]
         r["speedup_vs_teacher_b1"] = t_ref["b1"] / lat[p["name"]]["b1"]
         r["speedup_vs_teacher_b32"] = t_ref["b32"] / lat[p["name"]]["b32"]
@@ -528,18 +601,21 @@ def main(argv=None):
         plot(rows, png, title, len(val_ds))
     write("frontier", {
         "quick": a.quick, "sizes": sizes, "steps": steps, "student_lr": tr.student_lr, "qat_lr": QAT_LR, "kd": tr.kd,
-        "embedding_bits": tr.embedding_bits,
+        "embedding_bits": tr.embedding_bits, "seeds": seeds, "seeded": sorted(seeded),
         "repeats": repeats, "seq_len": SEQ_LEN, "threads": threads, "versions": versions,
         "latency_input": f"random token ids, sequence {SEQ_LEN}, no padding; every model interleaved in one loop (bench_onnx.interleaved_latency)",
-        "domination_rule": "an ours point dominates a peer point when accuracy >= peer accuracy - 0.1 pt and latency (or disk MB) <= the peer's",
+        "domination_rule": ("an ours point dominates a peer point when accuracy >= peer accuracy - 0.1 pt and latency (or disk "
+                            "MB) <= the peer's; accuracy of a point trained with several seeds (accuracy_seeds) is their "
+                            "mean, of the others seed " + str(seeds[0]) + "'s; latency and disk: seed " + str(seeds[0]) + "'s model"),
         "notes": (("size on disk: the word-embedding table (30,522 x 384 float32 = 46.9 MB) is in every model; our "
                    "exports keep it float32 (quantize_model / QATCallback quantise the transformer-block Linears), "
                    "while ORT quantize_dynamic also quantises its Gather to uint8 (11.7 MB): that, not the Linears, "
                    "is why ORT's dynamic int8 file is the smallest. " if not tr.embedding_bits else
                    f"size on disk: our int8 points (int8 QAT, KD student + int8, combined) store the word-embedding "
                    f"table int8 (QATConfig.embedding_bits={tr.embedding_bits}: int8 codes + one float32 scale per row); "
-                   f"the fp32 students and int4 QAT keep it float32 (46.9 MB); ORT quantize_dynamic quantises its "
-                   f"Gather to uint8. ") +
+                   f"the fp32 students keep it float32 (46.9 MB); int4 QAT keeps the table as float values on that "
+                   f"grid (export=None) and export_onnx writes it int8; ORT quantize_dynamic quantises its Gather to "
+                   f"uint8. ") +
                   "'ours 3-layer KD + int8' is PTQ (quantize_model, the same torch-int8 layers QAT exports) of the KD "
                   "student; the combined model is trained with QAT."),
         "eval_rows": len(val_ds), "rows": rows, "skipped": skipped, "training": tr.info, "goals": goals,

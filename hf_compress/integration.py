@@ -261,6 +261,10 @@ class _Parked(nn.Module):
     def __init__(self, name: str):
         super().__init__()
         self.parked_name = name
+        # empty, never saved: a model's `_init_weights` may touch a child's weight through its parent (GPT-2 re-scales
+        # `attn.c_proj.weight` when it visits the attention block) while the layer is parked
+        self.register_buffer("weight", torch.empty(0), persistent=False)
+        self.register_buffer("bias", torch.empty(0), persistent=False)
 
     def forward(self, *args, **kwargs):  # pragma: no cover - replaced before the model is returned
         raise RuntimeError(f"{self.parked_name} was not rebuilt after loading (hf_compress quantizer).")

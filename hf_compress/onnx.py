@@ -680,8 +680,11 @@ def onnx_ready_copy(
     if embedding is not None:  # int8 codes + one scale per row (Gather, Mul), exactly the float values it holds
         from .quantization.embedding import Int8Embedding
 
-        name = embedding[0]
-        replace_module(model, name, Int8Embedding.from_float(model.get_submodule(name)).eval())
+        table = model.get_submodule(embedding[0])
+        int8 = Int8Embedding.from_float(table).eval()
+        for name in [n for n, m in model.named_modules(remove_duplicate=False)  # T5: shared = encoder/decoder embed_tokens
+                     if m is table or getattr(m, "weight", None) is table.weight]:
+            replace_module(model, name, int8)
     for name, m in list(model.named_modules()):
         if name in int4_layers:
             d = int4_layers[name]

@@ -310,3 +310,62 @@ def test_onnx_writes_a_float_stored_table_as_int8_codes(tmp_path):
         info = export_onnx(back, tmp_path / "moved")
     assert info["layers"]["int8_embedding"] == 0 and table_bytes(tmp_path / "moved") == 4 * n
     assert info["verification"]["max_abs_diff"] <= 1e-4 * (1 + info["verification"]["max_abs_reference"])
+
+
+def _tiny_t5():
+    from transformers import T5Config, T5ForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, tie_word_embeddings=False,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, num_labels=2, dropout_rate=0.0)
+    return T5ForSequenceClassification(cfg).eval()
+
+
+def test_a_table_shared_under_several_names_is_refused_with_a_backend_and_baked_everywhere_without(tmp_path):
+    """T5 uses one table as `shared`, `encoder.embed_tokens` and `decoder.embed_tokens` (tied weights): an
+    Int8Embedding in one place would leave the others computing in float (it did, silently, with the record
+    saying int8). With a backend it is refused before anything changes; with export=None every name sees the
+    grid values, and the reload is exact."""
+    model = _tiny_t5()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"embedding_bits=8 with an export backend: .*several names.*"
+                                         r"encoder.embed_tokens.*Use export=None"):
+        quantize_model(model, QATConfig(**CFG))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=1, disable_tqdm=True)
+    with pytest.raises(ValueError, match=r"several names"):  # QAT: when the Trainer is built
+        Trainer(model=_tiny_t5(), args=args, train_dataset=TokenDataset(4), callbacks=[QATCallback(QATConfig(**CFG))])
+    model = _tiny_t5()
+    w = model.get_input_embeddings().weight.detach().clone()
+    quantize_model(model, QATConfig(embedding_bits=8))
+    q, scale = _reference(w)
+    for table in (model.transformer.shared, model.transformer.encoder.embed_tokens, model.transformer.decoder.embed_tokens):
+        assert torch.equal(table.weight.detach(), q.float() * scale[:, None])
+    ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(1))
+    ids[:, -1] = 1  # T5 classification reads the last eos
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    model.save_pretrained(tmp_path / "t5")
+    assert torch.equal(_logits(load_pretrained(tmp_path / "t5"), batch), _logits(model, batch))
+
+
+def test_int8_table_runs_in_16_bits_like_the_layers(converted):
+    """model.half() and from_pretrained(dtype=float16) of a torch-int8 model with the int8 table: the embedding
+    returns the model's dtype (it returned float32, and the fp16 LayerNorm raised), close to the float32 logits;
+    float32 stays bit for bit."""
+    model, _, d = converted
+    batch = _batch()
+    ref = _logits(load_pretrained(d), batch)
+    assert torch.equal(ref, _logits(model, batch))
+    for half in (AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float16),
+                 torch.nn.Module.half(load_pretrained(d))):
+        got = _logits(half, batch)
+        assert got.dtype == torch.float16 and half.get_input_embeddings().weight_scale.dtype == torch.float16
+        torch.testing.assert_close(got.float(), ref, rtol=0, atol=2e-2)
+
+
+def test_quantising_a_converted_model_again_says_so(converted):
+    """quantize_model on a torch-int8 model (e.g. to add embedding_bits) used to say qat_targets matched no Linear
+    and suggest the pooler and the head."""
+    _, _, d = converted
+    with pytest.raises(ValueError, match=r"already converted \(export='torch-int8'\).*Start from the float model"):
+        quantize_model(load_pretrained(d), QATConfig(export="torch-int8", embedding_bits=8))

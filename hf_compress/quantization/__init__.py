@@ -98,7 +98,7 @@ def convert(
         export = field_of(config, "export")
     if config is not None and embedding_bits is None:
         embedding_bits = field_of(config, "embedding_bits", None)
-    embedding_target(model, bits=embedding_bits)  # refused (tied / not an nn.Embedding) before anything changes
+    embedding_target(model, bits=embedding_bits, real=bool(export))  # refused (tied, shared, ...) before anything changes
     if any(is_sharded(p) for p in model.parameters()):
         raise ValueError(
             "quantization.convert needs the full model, but its parameters are FSDP2 shards (DTensor): gather "
@@ -198,7 +198,12 @@ def rebuild_quantized(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
     backend.require()
     emb = meta.get("embedding")
     if isinstance(emb, dict) and emb.get("stored") == "int8":
-        replace_module(model, emb["name"], Int8Embedding(emb["num_embeddings"], emb["embedding_dim"], emb.get("padding_idx")))
+        new = Int8Embedding(emb["num_embeddings"], emb["embedding_dim"], emb.get("padding_idx"))
+        old = getattr(model.get_submodule(emb["name"]), "weight", None)  # the Auto-class path parks it: no weight
+        dtype = old.dtype if isinstance(old, torch.Tensor) and old.is_floating_point() else getattr(model, "dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:  # from_pretrained(dtype=float16): 16-bit output
+            new.weight_scale = new.weight_scale.to(dtype)
+        replace_module(model, emb["name"], new)
     for name, d in meta["layers"].items():
         lp = LayerPlan.from_dict(d)
         try:

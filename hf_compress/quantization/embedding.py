@@ -28,7 +28,8 @@ EMBEDDING_SCHEME = QScheme(bits=8, symmetric=True, per_channel=True, group_size=
 
 
 class Int8Embedding(nn.Module):
-    """out[..., :] = codes[ids] · scale[ids] (per-row symmetric int8), float32 output."""
+    """out[..., :] = codes[ids] · scale[ids] (per-row symmetric int8), in the dtype of the scales (float32
+    unless the model was cast to 16 bits)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
         super().__init__()
@@ -43,13 +44,14 @@ class Int8Embedding(nn.Module):
         s = quantize_weight(w, scheme, 0)
         with torch.no_grad():
             out.weight.copy_(s["q"])
-            out.weight_scale.copy_(s["scale"][:, 0])
+            out.weight_scale = s["scale"][:, 0].to(w.dtype).contiguous()  # the model's float dtype (forward's output)
         return out
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         codes = F.embedding(input_ids, self.weight)  # int8 [..., dim]: only the looked-up rows
-        scale = F.embedding(input_ids, self.weight_scale[:, None])  # float32 [..., 1]
-        return dequantize(codes, scale, 0.0)
+        scale = F.embedding(input_ids, self.weight_scale[:, None])  # [..., 1]
+        # computed in float32, returned in the model's float dtype (the scales follow model.half() / dtype=...)
+        return dequantize(codes, scale.float(), 0.0).to(self.weight_scale.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float table (tests / inspection only; forward never builds it)."""
@@ -60,12 +62,15 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}{pad}, int8 per-row"
 
 
-def embedding_target(model: nn.Module, bits: int | None = None) -> tuple[str, nn.Module] | None:
+def embedding_target(model: nn.Module, bits: int | None = None, real: bool = False) -> tuple[str, nn.Module] | None:
     """(name, module) of the input word embedding `embedding_bits` quantises, or None when it is unset.
 
     ValueError (naming QATConfig.embedding_bits and the fix) when the model has no plain ``nn.Embedding``
-    input embedding, or when that table is tied to an output head. Writes nothing: called by build_plan
-    (QATCallback before training, quantize_model before calibrating) and again by convert.
+    input embedding, or when that table is tied to an output head; with `real` (an export backend: the table
+    becomes an `Int8Embedding`) also when the model uses the same table under several module names (T5's
+    ``shared`` = ``encoder.embed_tokens`` = ``decoder.embed_tokens``): replacing one name would leave the others
+    computing with the float table. Writes nothing: called by build_plan (QATCallback before training,
+    quantize_model before calibrating) and again by convert.
     """
     if bits is None:
         return None
@@ -92,8 +97,18 @@ def embedding_target(model: nn.Module, bits: int | None = None) -> tuple[str, nn
             "Leave embedding_bits unset (None), or untie the embedding from the output head "
             "(config.tie_word_embeddings=False and a separate head weight) before quantising."
         )
-    name = next(n for n, m in model.named_modules() if m is emb)
-    return name, emb
+    # the table under other names: the same module, or other modules sharing its weight (transformers ties them)
+    names = [n for n, m in model.named_modules(remove_duplicate=False)
+             if m is emb or getattr(m, "weight", None) is emb.weight]
+    if real and len(names) > 1:
+        raise ValueError(
+            f"QATConfig.embedding_bits={bits!r} with an export backend: {type(model).__name__} uses its input embedding "
+            f"under several names ({', '.join(names)}), which transformers ties again on load; an int8 table cannot be "
+            "shared that way, and replacing one name would leave the others computing in float. Use export=None (the "
+            "table's values on the same int8 grid, stored as floats; export_onnx writes it int8), or leave "
+            "embedding_bits unset."
+        )
+    return next(n for n, m in model.named_modules() if m is emb), emb
 
 
 @torch.no_grad()
@@ -105,7 +120,7 @@ def convert_embedding(model: nn.Module, bits: int | None, real: bool, before: di
     """
     from ..modules import replace_module
 
-    found = embedding_target(model, bits=bits)
+    found = embedding_target(model, bits=bits, real=real)
     if found is None:
         return before if isinstance(before, dict) else None
     name, emb = found

@@ -113,9 +113,21 @@ def build_plan(model: nn.Module, config, require: bool = True) -> dict[str, Laye
     """
     from .embedding import embedding_target  # embedding.py imports nothing of plan.py: no cycle
 
-    embedding_target(model, bits=field_of(config, "embedding_bits"))
-    chosen = select_modules(model, field_of(config, "qat_targets"), field_of(config, "qat_exclude"), field="qat_targets",
-                            require=require)
+    embedding_target(model, bits=field_of(config, "embedding_bits"), real=bool(field_of(config, "export")))
+    try:
+        chosen = select_modules(model, field_of(config, "qat_targets"), field_of(config, "qat_exclude"),
+                                field="qat_targets", require=require)
+    except ValueError as e:
+        from ..metadata import get_metadata
+
+        backend = (get_metadata(model).get("quantization") or {}).get("backend")
+        if backend:  # the usual cause: its Linears are int8 / 4-bit layers already, not a wrong regex
+            raise ValueError(
+                f"{type(model).__name__} is already converted (export={backend!r}): its layers hold integer codes, so "
+                "there is nothing to quantise again. Start from the float model, or from one quantised with "
+                "export=None (float weights on the grid), to quantise it with other settings."
+            ) from e
+        raise
     act = act_scheme(config)
     plan = {}
     for name, module in chosen.items():

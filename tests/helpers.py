@@ -59,3 +59,14 @@ def read_jsonl(path, limit: int | None = None) -> list[dict]:
             if limit is not None and len(rows) >= limit:
                 break
     return rows
+
+
+def tiny_t5(num_labels: int = 2):
+    """A tiny T5ForSequenceClassification: one table used as `shared`, `encoder.embed_tokens` and
+    `decoder.embed_tokens` (tied weights), untied from any head."""
+    from transformers import T5Config, T5ForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, tie_word_embeddings=False,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, num_labels=num_labels, dropout_rate=0.0)
+    return T5ForSequenceClassification(cfg).eval()

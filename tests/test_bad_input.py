@@ -15,7 +15,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_compress import (DistillationConfig, DistillationTrainer, PruningCallback, PruningConfig, QATCallback,
                          QATConfig, load_pretrained)
-from helpers import TokenDataset, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import TokenDataset, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad_input.md"
 
@@ -737,6 +737,13 @@ CASES = {
     "qat-embedding-tied": (lambda t: with_callback(t, QATCallback(QATConfig(export="torch-int8", embedding_bits=8)),
                                                    model=tiny_gpt2()), ValueError,
                            r"embedding_bits=8: GPT2LMHeadModel .* tied to the output head \(lm_head .*Leave embedding_bits unset"),
+    "qat-embedding-shared": (lambda t: with_callback(t, QATCallback(QATConfig(export="torch-int8", embedding_bits=8)),
+                                                     model=tiny_t5()), ValueError,
+                             r"embedding_bits=8 with an export backend: T5ForSequenceClassification uses its input embedding "
+                             r"under several names .*Use export=None"),
+    "qat-already-converted": (lambda t: quantize_model(quantize_model(tiny_bert(), QATConfig(export="torch-int8")),
+                                                       QATConfig(export="torch-int8", embedding_bits=8)), ValueError,
+                              r"already converted \(export='torch-int8'\): its layers hold integer codes.*Start from the float model"),
     "qat-weight-format": (lambda t: QATConfig(weight_format="fp4"), ValueError, r"weight_format='fp4': use one of"),
     "qat-weight-range": (lambda t: QATConfig(weight_bits=4, weight_range="wide"), ValueError,
                          r"QATConfig\.weight_range='wide': use one of \('restricted', 'full', 'full_no_clip'\)"),

@@ -564,6 +564,7 @@ RAISES = {
     },
     "quantization/embedding.py": {
         ("embedding_target", "ValueError", 1): "qat-embedding-tied",
+        ("embedding_target", "ValueError", 2): "qat-embedding-shared",
         ("check_embedding_record.bad", "ValueError", 1): "load-bad-metadata",
     },
     "quantization/fake_quant.py": {
@@ -583,6 +584,10 @@ RAISES = {
         ("Observer.__init__", "ValueError", 1): R + "QATConfig refuses an unknown observer first (qat-observer).",
         ("Observer.__init__", "ValueError", 2): R + "QATConfig refuses averaging outside (0, 1] first (qat-averaging).",
         ("Observer.__init__", "ValueError", 3): R + "QATConfig refuses percentile outside (50, 100] first (qat-percentile).",
+    },
+    "quantization/plan.py": {
+        ("build_plan", "ValueError", 1): "qat-already-converted",
+        ("build_plan", "raise", 1): ("qat-no-target",),  # select_modules' own refusal, passed on
     },
     "quantization/ptq.py": {
         ("_run", "ValueError", 1): "ptq-calib-batch-type",

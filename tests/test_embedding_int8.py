@@ -22,7 +22,7 @@ import hf_compress  # noqa: F401  (registers the Auto-class loading)
 from hf_compress import QATCallback, QATConfig, load_pretrained, quantize_model
 from hf_compress.quantization import Int8Embedding, convert
 from hf_compress.storage import disk_size_by_part, read_header, weight_files
-from helpers import TokenDataset, tiny_bert, tiny_gpt2
+from helpers import TokenDataset, tiny_bert, tiny_gpt2, tiny_t5
 
 CFG = dict(export="torch-int8", embedding_bits=8)
 
@@ -312,21 +312,12 @@ def test_onnx_writes_a_float_stored_table_as_int8_codes(tmp_path):
     assert info["verification"]["max_abs_diff"] <= 1e-4 * (1 + info["verification"]["max_abs_reference"])
 
 
-def _tiny_t5():
-    from transformers import T5Config, T5ForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, tie_word_embeddings=False,
-                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, num_labels=2, dropout_rate=0.0)
-    return T5ForSequenceClassification(cfg).eval()
-
-
 def test_a_table_shared_under_several_names_is_refused_with_a_backend_and_baked_everywhere_without(tmp_path):
     """T5 uses one table as `shared`, `encoder.embed_tokens` and `decoder.embed_tokens` (tied weights): an
     Int8Embedding in one place would leave the others computing in float (it did, silently, with the record
     saying int8). With a backend it is refused before anything changes; with export=None every name sees the
     grid values, and the reload is exact."""
-    model = _tiny_t5()
+    model = tiny_t5()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"embedding_bits=8 with an export backend: .*several names.*"
                                          r"encoder.embed_tokens.*Use export=None"):
@@ -334,8 +325,8 @@ def test_a_table_shared_under_several_names_is_refused_with_a_backend_and_baked_
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=1, disable_tqdm=True)
     with pytest.raises(ValueError, match=r"several names"):  # QAT: when the Trainer is built
-        Trainer(model=_tiny_t5(), args=args, train_dataset=TokenDataset(4), callbacks=[QATCallback(QATConfig(**CFG))])
-    model = _tiny_t5()
+        Trainer(model=tiny_t5(), args=args, train_dataset=TokenDataset(4), callbacks=[QATCallback(QATConfig(**CFG))])
+    model = tiny_t5()
     w = model.get_input_embeddings().weight.detach().clone()
     quantize_model(model, QATConfig(embedding_bits=8))
     q, scale = _reference(w)

@@ -590,13 +590,15 @@ def check_checkpoint(skeleton: nn.Module, meta: dict, headers: dict, file_bytes:
         if on_disk(f"{name}.weight") is None:
             missing.append(f"{name}.weight")
     if emb_local is not None:
-        want = {"weight": ("I8", (emb["num_embeddings"], emb["embedding_dim"])), "weight_scale": ("F32", (emb["num_embeddings"],))}
-        for part, (dtype, shape) in want.items():
+        # the scales follow the model's float dtype (a model saved after .half() stores them in 16 bits)
+        want = {"weight": (("I8",), (emb["num_embeddings"], emb["embedding_dim"])),
+                "weight_scale": (("F32", "F16", "BF16"), (emb["num_embeddings"],))}
+        for part, (dtypes, shape) in want.items():
             k = on_disk(f"{emb_local}.{part}")
             if k is None:
                 missing.append(f"{emb_local}.{part}")
-            elif k in headers and tuple(headers[k]) != (dtype, shape):
-                wrong.append(f"{k}: file {headers[k][0]} {list(headers[k][1])}, int8 embedding {dtype} {list(shape)}")
+            elif k in headers and (headers[k][0] not in dtypes or tuple(headers[k][1]) != shape):
+                wrong.append(f"{k}: file {headers[k][0]} {list(headers[k][1])}, int8 embedding {'/'.join(dtypes)} {list(shape)}")
     if missing or wrong:
         raise ValueError(
             "The weight files do not fit the model config.json describes "

@@ -352,6 +352,10 @@ def test_int8_table_runs_in_16_bits_like_the_layers(converted):
         got = _logits(half, batch)
         assert got.dtype == torch.float16 and half.get_input_embeddings().weight_scale.dtype == torch.float16
         torch.testing.assert_close(got.float(), ref, rtol=0, atol=2e-2)
+    # saved in 16 bits (F16 scales in the file: the loader accepted only F32), reloaded the same
+    d16 = d.parent / f"{d.name}-fp16"
+    half.save_pretrained(d16)
+    assert torch.equal(_logits(AutoModelForSequenceClassification.from_pretrained(d16, dtype=torch.float16), batch), got)
 
 
 def test_quantising_a_converted_model_again_says_so(converted):

@@ -92,7 +92,7 @@ def main(argv=None):
               f"b32 {[round(x, 1) for x in r['latency_b32_ms']]} ms (x ORT {[round(x, 3) for x in r['ratio_to_ort_b32']]}); "
               f"{r['ops_optimised']}", flush=True)
     write("int8_graph", {"quick": a.quick, "sizes": sizes, "repeats": repeats, "passes": 2, "seq_len": 32,
-                         "rows": rows}, a.out)
+                         "rows": [{"variant": name, **r} for name, r in rows.items()]}, a.out)
 
 
 if __name__ == "__main__":

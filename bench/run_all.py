@@ -71,7 +71,8 @@ def load(results: Path = ROOT / "results") -> dict[str, dict]:
     for path in sorted(results.glob("*.json")):
         data = json.loads(path.read_text())
         if not data.get("quick"):  # --quick numbers prove the scripts run; they are not results
-            out[data.get("benchmark", path.stem)] = data | {"_file": path.name}
+            # keyed by file: two files of one benchmark (frontier.json, frontier_steps250.json) are two results
+            out[path.stem] = data | {"_file": path.name}
     return out
 
 
@@ -79,12 +80,15 @@ def summary(results: dict[str, dict]) -> list[dict]:
     """One uniform row per model across the benchmarks (only measured values; blanks stay blank)."""
     rows = []
     for bench, data in results.items():
-        exports = {e["model"]: e for e in data.get("exports", [])}
+        ex_list = data.get("exports") if isinstance(data.get("exports"), list) else []  # some scripts keep a dict
+        exports = {e["model"]: e for e in ex_list if isinstance(e, dict) and "model" in e}
         if bench == "peers":  # our side of the comparison is already in the other benchmarks
             rows += _peer_rows(data)
             continue
-        for r in data.get("rows", []):
-            row = {"benchmark": bench, "model": r.get("model") or r.get("run")}
+        for r in data.get("rows", []) if isinstance(data.get("rows"), list) else []:
+            if not isinstance(r, dict):
+                continue
+            row = {"benchmark": bench, "model": r.get("model") or r.get("run") or r.get("name") or r.get("variant")}
             for k in SUMMARY_COLS[2:]:
                 if isinstance(r.get(k), (int, float)):
                     row[k] = r[k]
@@ -136,7 +140,7 @@ def plot(rows: list[dict], path: Path = PLOT) -> Path | None:
     marks = dict(zip(["distillation", "pruning", "qat", "recipes", "peers"], "osD^v"))
     drawn = False
     for ax, (key, label) in zip(axes, panels):
-        for bench in dict.fromkeys(r["benchmark"] for r in rows):
+        for bench in dict.fromkeys(r["benchmark"] for r in rows if r["benchmark"] in marks):  # the frontier has its own
             pts = [r for r in rows if r["benchmark"] == bench and r.get(key) and r.get("retention")]
             if not pts:
                 continue
@@ -187,7 +191,7 @@ def render(results: Path = ROOT / "results") -> str:
         parts += _table([{c: r.get(c) for c in SUMMARY_COLS} for r in rows]) + [""]
     for data in loaded.values():
         path = Path(data.pop("_file"))
-        parts += [f"### {data.get('benchmark', path.stem)}", "",
+        parts += [f"### {path.stem}", "",
                   f"Measured {data.get('date')} on {data.get('machine')} with `{data.get('command')}` "
                   f"(`bench/results/{path.name}`).", ""]
         for key, value in data.items():

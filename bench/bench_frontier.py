@@ -464,12 +464,15 @@ def main(argv=None):
         if tr.embedding_bits:
             src = d / f"emb{tr.embedding_bits}"
             if not (src / "config.json").exists():
-                atomic_dir(src, lambda tmp: quantize_model(load_pretrained(d).eval(), QATConfig(
-                    **INT4, embedding_bits=tr.embedding_bits)).save_pretrained(tmp))
-            a, b = load_pretrained(d).state_dict(), load_pretrained(src).state_dict()
-            moved = [k for k in a if "embeddings.word" not in k and not torch.equal(a[k], b[k])]
-            if moved:
-                raise RuntimeError(f"quantize_model(embedding_bits) moved {moved[:3]} of {d.name}")
+                def build(tmp):
+                    before = load_pretrained(d).eval()
+                    m = quantize_model(copy.deepcopy(before), QATConfig(**INT4, embedding_bits=tr.embedding_bits))
+                    a, b = before.state_dict(), m.state_dict()
+                    moved = [k for k in a if "embeddings.word" not in k and not torch.equal(a[k], b[k])]
+                    if moved:
+                        raise RuntimeError(f"quantize_model(embedding_bits) moved {moved[:3]} of {d.name}")
+                    m.save_pretrained(tmp)
+                atomic_dir(src, build)
         return cached_export(src, d / f"onnx-matmulnbits{tr.emb_tag}", int4="matmulnbits")
 
     onnx_dirs = {"plain": onnx_of(d_plain), "kd": onnx_of(d_kd), "kd_int8": kd_int8_onnx(d_kd), "q8": onnx_of(d_q8),

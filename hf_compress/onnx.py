@@ -50,7 +50,7 @@ from torch import nn
 
 from .metadata import get_metadata
 from .modules import is_linear, model_class_for, out_axis, replace_module
-from .quantization import QScheme, is_fake_quant, quantize_weight, restore_layer
+from .quantization import Int8Embedding, QScheme, is_fake_quant, quantize_weight, restore_layer, table_names
 from .quantization.backends.torch_int8 import Int8Linear
 from .quantization.numerics import recover_grid
 
@@ -329,7 +329,6 @@ def _recorded_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
     that grid (trained after conversion, or cast to 16 bits) is written as the floats it holds, with a warning:
     int8 codes would not be the model's."""
     from .modules import local_name
-    from .quantization.embedding import Int8Embedding
 
     meta = get_metadata(model).get("quantization") or {}
     e = meta.get("embedding") if isinstance(meta, dict) else None
@@ -678,12 +677,9 @@ def onnx_ready_copy(
     counts = {"int8_linear": 0, "input_quant_linear": 0, "fake_quant_weight": 0, "int4_matmulnbits": 0, "int4_int8_gemm": 0,
               "int8_embedding": 0}
     if embedding is not None:  # int8 codes + one scale per row (Gather, Mul), exactly the float values it holds
-        from .quantization.embedding import Int8Embedding
-
         table = model.get_submodule(embedding[0])
         int8 = Int8Embedding.from_float(table).eval()
-        for name in [n for n, m in model.named_modules(remove_duplicate=False)  # T5: shared = encoder/decoder embed_tokens
-                     if m is table or getattr(m, "weight", None) is table.weight]:
+        for name in table_names(model, table):  # T5: shared = encoder / decoder embed_tokens
             replace_module(model, name, int8)
     for name, m in list(model.named_modules()):
         if name in int4_layers:
@@ -707,8 +703,6 @@ def onnx_ready_copy(
                 with torch.no_grad():
                     m.weight.copy_(w)
                 counts["fake_quant_weight"] += 1
-    from .quantization.embedding import Int8Embedding
-
     counts["int8_embedding"] = sum(isinstance(m, Int8Embedding) for m in model.modules())
     return model, counts
 

@@ -3,10 +3,10 @@
 **End of training in the right order.** The Trainer runs `on_train_end` on its callbacks in list order,
 and a callback never sees that list. Some ends must come first: `PruningCallback` removes pruned heads /
 neurons / layers (and records the sparsity of float weights), which must happen before `QATCallback` turns
-the layers into int8 or 4-bit ones, or records their shapes for reloading. So a callback whose end must precede quantisation registers itself
-on the model it trains (`finish_before_converting`), and the quantising callback runs what is still
-pending on that model (`finish_pending`) before it converts. Each registered callback's `on_train_end`
-then runs once per run: the Trainer's own later call finds it done (`finished_this_run`).
+the layers into int8 or 4-bit ones, or records their shapes for reloading. So a callback whose end must precede
+quantisation registers itself on the model it trains (`finish_before_converting`), and the quantising callback runs
+what is still pending on that model (`finish_pending`) before it converts. Each registered callback's
+`on_train_end` then runs once per run: the Trainer's own later call finds it done (`finished_this_run`).
 
 **Structure that changes mid-run.** LowRankCallback with lowrank_start_step > 0 replaces Linears by factorised
 layers during training, after QATCallback chose its layers: QAT would then miss them (they would ship

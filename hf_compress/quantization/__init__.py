@@ -32,7 +32,7 @@ from .fake_quant import (
     restore_layer,
     set_observing,
 )
-from .embedding import Int8Embedding, convert_embedding, embedding_target
+from .embedding import Int8Embedding, convert_embedding, embedding_target, table_names
 from .numerics import (
     QScheme, dequantize_weight, fake_quantize, fake_quantize_weight, qparams, quantize_weight, recover_grid,
 )
@@ -45,7 +45,7 @@ __all__ = [
     "ActScheme", "Int8Embedding", "LayerPlan", "Observer", "QScheme", "build_plan", "commit_observers", "dequantize_weight",
     "convert", "fake_quant_layers", "fake_quantize", "fake_quantize_weight", "get_backend", "insert_fake_quant",
     "is_fake_quant", "observers", "prepare", "qparams", "quantize_model", "quantize_weight", "rebuild_quantized",
-    "remove_fake_quant", "set_observing",
+    "remove_fake_quant", "set_observing", "table_names",
 ]
 
 

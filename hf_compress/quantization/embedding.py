@@ -62,6 +62,14 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}{pad}, int8 per-row"
 
 
+def table_names(model: nn.Module, emb: nn.Module) -> list[str]:
+    """Every module name under which `model` uses the table `emb`: the module itself (also when registered under
+    several names) and other modules sharing its weight (transformers ties T5's ``shared`` and
+    ``encoder.embed_tokens`` / ``decoder.embed_tokens`` that way)."""
+    return [n for n, m in model.named_modules(remove_duplicate=False)
+            if m is emb or getattr(m, "weight", None) is emb.weight]
+
+
 def embedding_target(model: nn.Module, bits: int | None = None, real: bool = False) -> tuple[str, nn.Module] | None:
     """(name, module) of the input word embedding `embedding_bits` quantises, or None when it is unset.
 
@@ -97,9 +105,7 @@ def embedding_target(model: nn.Module, bits: int | None = None, real: bool = Fal
             "Leave embedding_bits unset (None), or untie the embedding from the output head "
             "(config.tie_word_embeddings=False and a separate head weight) before quantising."
         )
-    # the table under other names: the same module, or other modules sharing its weight (transformers ties them)
-    names = [n for n, m in model.named_modules(remove_duplicate=False)
-             if m is emb or getattr(m, "weight", None) is emb.weight]
+    names = table_names(model, emb)
     if real and len(names) > 1:
         raise ValueError(
             f"QATConfig.embedding_bits={bits!r} with an export backend: {type(model).__name__} uses its input embedding "

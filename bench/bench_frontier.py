@@ -89,6 +89,7 @@ FRONTIER = CACHE / "frontier"
 LAYERS = (0, 2, 4)
 STUDENT_LR = 1e-4   # bench_distillation.STUDENT_LR (--student-lr)
 QAT_LR = 2e-5       # bench_qat.LR = torchao_qat.LR
+PRUNE_LR = 5e-5     # bench_pruning (common.training_args default): the 6-block pruned models
 KD = dict(temperature=2.0, alpha=0.5)  # --kd T,alpha
 INT8 = dict(weight_bits=8, activation_bits=8, observer="dynamic", export="torch-int8")  # bench_qat "int8"
 INT4 = dict(weight_bits=4, group_size=64)                                              # bench_qat "int4 g64"
@@ -227,24 +228,37 @@ class Trainings:
         return self.get(f"qat-{label}{tag}", QAT_LR, build, short=f"qat-{label}")
 
     def combined(self) -> Path:
+        """The 3-layer student distilled while 50% of its heads and FFN neurons go, then int8 QAT."""
+        kd_tag = "" if self.kd == KD else f"-{self.kd_tag}"
+        return self._pruned_int8(f"kd3-heads50-ffn50-int8{kd_tag}{self.emb_tag}", "combined", student=True,
+                                 heads=0.5, neurons=0.5, lr=self.student_lr)
+
+    def pruned6(self, heads: float, neurons: float, short: str) -> Path:
+        """The same recipe on all 6 blocks: the teacher's copy distilled from the dense teacher while the heads /
+        FFN neurons go, then int8 QAT (depth kept, width cut). lr PRUNE_LR, bench_pruning's."""
+        tag = (f"heads{round(100 * heads)}-" if heads else "") + f"ffn{round(100 * neurons)}"
+        return self._pruned_int8(f"kd6-{tag}-int8-{self.kd_tag}{self.emb_tag}", short, student=False,
+                                 heads=heads, neurons=neurons, lr=PRUNE_LR)
+
+    def _pruned_int8(self, name: str, short: str, student: bool, heads: float, neurons: float, lr: float) -> Path:
         end = max(1, int(0.7 * self.steps))
         freq = max(1, self.steps // 25)  # bench_pruning's mask-update frequency
 
         def build(tmp):
-            prunes = [PruningConfig(granularity=g, target_sparsity=0.5, method="taylor", scope="local", frequency=freq,
-                                    pruning_end_step=end) for g in ("heads", "neurons")]
+            prunes = [PruningConfig(granularity=g, target_sparsity=r, method="taylor", scope="local", frequency=freq,
+                                    pruning_end_step=end) for g, r in (("heads", heads), ("neurons", neurons)) if r]
             cbs = [PruningCallback(p) for p in prunes] + [QATCallback(QATConfig(**self.int8, qat_start_step=end))]
-            trainer, step_s = train(self._trainee(True), self.train_ds, self._args(tmp, self.student_lr), self.tok,
+            trainer, step_s = train(self._trainee(student), self.train_ds, self._args(tmp, lr), self.tok,
                                     callbacks=cbs, trainer_cls=DistillationTrainer, teacher_model=self.base,
                                     distillation_config=DistillationConfig(**self.kd))
             from hf_compress.pruning import structure
 
+            which = f"student blocks {list(LAYERS)}" if student else "the teacher's copy (6 blocks)"
             return {**self._save(trainer, tmp, step_s), "structure": structure(trainer.model),
-                    "recipe": (f"student blocks {list(LAYERS)}, KD {self.kd}, PruningCallback heads 50% + neurons 50% "
-                               f"(taylor, local, every {freq} steps, done at step {end}, removed at the end), "
-                               f"QATCallback {self.int8} from step {end}")}
-        kd_tag = "" if self.kd == KD else f"-{self.kd_tag}"
-        return self.get(f"kd3-heads50-ffn50-int8{kd_tag}{self.emb_tag}", self.student_lr, build, short="combined")
+                    "recipe": (f"{which}, KD {self.kd} from the dense teacher, PruningCallback heads {heads:.0%} + "
+                               f"neurons {neurons:.0%} (taylor, local, every {freq} steps, done at step {end}, removed at "
+                               f"the end), QATCallback {self.int8} from step {end}")}
+        return self.get(name, lr, build, short=short)
 
 
 # ---------------------------------------------------------------------------------------------- torchao
@@ -420,11 +434,13 @@ def main(argv=None):
                    kd=dict(temperature=t, alpha=alpha), embedding_bits=known.embedding_bits, train_only=only, seed=seeds[0])
     getters = {"plain3": lambda t: t.plain_student(), "kd3": lambda t: t.kd_student(),
                "qat-int8": lambda t: t.qat("int8", t.int8), "qat-int4g64": lambda t: t.qat("int4g64", INT4),
-               "combined": lambda t: t.combined()}
+               "combined": lambda t: t.combined(), "pruned6": lambda t: t.pruned6(0.5, 0.5, "pruned6"),
+               "pruned6-ffn": lambda t: t.pruned6(0.0, 0.5, "pruned6-ffn")}
 
     # ---- training (each once, cached)
     t_train = time.time()
-    d_plain, d_kd, d_q8, d_q4, d_comb = (getters[k](tr) for k in ("plain3", "kd3", "qat-int8", "qat-int4g64", "combined"))
+    d_plain, d_kd, d_q8, d_q4, d_comb, d_p6, d_p6f = (getters[k](tr) for k in (
+        "plain3", "kd3", "qat-int8", "qat-int4g64", "combined", "pruned6", "pruned6-ffn"))
     ao = torchao_points(tr)
     seed_folders: dict[int, dict[str, Path]] = {}  # the other seeds' cache folders of the --seeded points
     for s in seeds[1:]:
@@ -476,7 +492,7 @@ def main(argv=None):
         return cached_export(src, d / f"onnx-matmulnbits{tr.emb_tag}", int4="matmulnbits")
 
     onnx_dirs = {"plain": onnx_of(d_plain), "kd": onnx_of(d_kd), "kd_int8": kd_int8_onnx(d_kd), "q8": onnx_of(d_q8),
-                 "comb": onnx_of(d_comb)}
+                 "comb": onnx_of(d_comb), "p6": onnx_of(d_p6), "p6f": onnx_of(d_p6f)}
     int4_note = int4_onnx_support()
     if int4_note is None:
         try:
@@ -539,6 +555,12 @@ def main(argv=None):
         pt(d_comb), safetensors_mb(d_comb), "safetensors", d_comb.name, "combined", pt)
     add("ours 3-layer KD + 50% heads + 50% FFN + int8 QAT (ORT)", "3L KD prune int8 ORT", "ours", "ORT", ort(onnx_dirs["comb"]),
         onnx_mb(onnx_dirs["comb"]), "model.onnx", d_comb.name, "combined", lambda d: ort(onnx_of(d)))
+    for d, tag, what, short in ((d_p6, "p6", "50% heads + 50% FFN", "pruned6"), (d_p6f, "p6f", "50% FFN", "pruned6-ffn")):
+        label = f"6L KD {'prune' if tag == 'p6' else 'FFN/2'} int8"
+        add(f"ours 6-layer KD + {what} + int8 QAT (PyTorch)", label, "ours", "PyTorch", pt(d), safetensors_mb(d),
+            "safetensors", d.name, short, pt)
+        add(f"ours 6-layer KD + {what} + int8 QAT (ORT)", f"{label} ORT", "ours", "ORT", ort(onnx_dirs[tag]),
+            onnx_mb(onnx_dirs[tag]), "model.onnx", d.name, short, lambda d: ort(onnx_of(d)))
 
     # ---- measurement: accuracy, then latency interleaved across every model
     t_meas = time.time()

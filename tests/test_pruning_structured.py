@@ -235,3 +235,22 @@ def test_pruning_and_qat_give_the_same_model_in_either_list_order(tmp_path, gran
     torch.testing.assert_close(_logits(got, batch), _logits(ref, batch), rtol=0, atol=0)
     reloaded = load_pretrained(tmp_path / "qp" / "out")
     torch.testing.assert_close(_logits(reloaded, batch), _logits(ref, batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("order", [("heads", "neurons"), ("neurons", "heads")])
+def test_two_structured_callbacks_each_record_their_own_sparsity(order, tmp_path):
+    """The first callback's removal takes every all-zero unit out, the other run's too: the second run must
+    still record what it pruned (it used to record 0.0), measured against the widths before the run."""
+    model = MODELS["bert"]()
+    before = structure(model)
+    targets = {"heads": 0.5, "neurons": 0.25}
+    cbs = [PruningCallback(PruningConfig(granularity=g, target_sparsity=targets[g], scope="local", frequency=1,
+                                         pruning_end_step=3)) for g in order]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=5,
+                             per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True, learning_rate=1e-3)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(48), callbacks=cbs).train()
+    after = structure(model)
+    gone = {"heads": 1 - sum(after["heads"]) / sum(before["heads"]), "neurons": 1 - sum(after["ffn"]) / sum(before["ffn"])}
+    assert gone == pytest.approx(targets)  # both were removed, whatever the order
+    runs = {r["granularity"]: r["sparsity"] for r in model.config.hf_compress["pruning"]["runs"]}
+    assert runs == pytest.approx(gone, abs=1e-6)

@@ -196,7 +196,10 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
             self.pruner.update(self.sparsity_at(state.global_step))
         self.owed = False
         model = unwrap(model if model is not None else self.pruner.model)
-        self.removed = convert(model, self.config, name=self.name)
+        # another structured PruningCallback's removal may have taken this run's zero units out of the model
+        # already (it removes every all-zero unit): then measure on the weights this run pruned, which it holds
+        own = None if self.pruner.same_model(model) else self.pruner.weights
+        self.removed = convert(model, self.config, name=self.name, weights=own)
         if self.removed is not None:
             self.pruner = None  # its masks describe the layers that were just replaced
 

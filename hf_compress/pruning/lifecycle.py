@@ -11,7 +11,7 @@ from torch import nn
 from ..metadata import get_metadata, record
 from ..modules import select_modules, unwrap
 from ..sharding import is_sharded, local, sum_shards
-from .pruner import Pruner
+from .pruner import Pruner, unit_layers
 from .structured import check_uniform, is_uniform, remove_pruned
 
 
@@ -38,19 +38,25 @@ def prepare(model: nn.Module, config) -> Pruner:
 
 
 @torch.no_grad()
-def measured_sparsity(model: nn.Module, config) -> float | None:
-    """Fraction of exactly-zero weights in the (float Linear) layers `config` targets, read from the weights
-    themselves; None when there are none (e.g. all converted to low-bit layers already)."""
+def measured_sparsity(model: nn.Module, config, weights=None) -> float | None:
+    """Fraction of exactly-zero weights in the (float Linear) layers `config` prunes, read from the weights
+    themselves (or from `weights`, those layers' weights as a run left them); None when there are none (e.g.
+    all converted to low-bit layers already). Structured: the layers of its units only (the attention
+    projections for heads, the FFN for neurons), as its Pruner and its training logs count them."""
     zeros = total = 0
-    chosen = select_modules(unwrap(model), config.pruning_targets, config.pruning_exclude, require=False)
-    for module in chosen.values():
-        w = module.weight
+    if weights is None:
+        model = unwrap(model)
+        chosen = select_modules(model, config.pruning_targets, config.pruning_exclude, require=False)
+        if config.structured and chosen:
+            chosen = {x: chosen[x] for x in unit_layers(model, config.granularity, chosen)[1]}
+        weights = [module.weight for module in chosen.values()]
+    for w in weights:
         zeros += int(sum_shards((local(w.detach()) == 0).sum(), w))
         total += w.numel()
     return zeros / total if total else None
 
 
-def convert(model: nn.Module, config, name: str | None = None) -> dict | None:
+def convert(model: nn.Module, config, name: str | None = None, weights=None) -> dict | None:
     """Make what training pruned into what ships, from the weights as they are now; idempotent.
 
     Structured granularities with ``remove_pruned``: every unit whose consuming weights are all zero and
@@ -59,13 +65,17 @@ def convert(model: nn.Module, config, name: str | None = None) -> dict | None:
     tag; converting again replaces the entry), with the sparsity *measured* on the weights — after a
     best-model reload that is the reloaded checkpoint's, never the schedule's claim. Structured removal
     needs the full model: under FSDP2 gather first. Returns what was removed (structured) or None.
+
+    `weights`: the targeted layers' weights as this run left them, to measure on when the layers are no
+    longer those (another structured run's removal already took this run's zero units out with its own:
+    measured on the model, this run would record 0). `PruningCallback` passes its own then.
     """
     model = unwrap(model)
     c = config
     meta = get_metadata(model).get("pruning", {})
     name = name or c.tag
     before = next((r for r in meta.get("runs", []) if r.get("name") == name), {})
-    sparsity = measured_sparsity(model, c)
+    sparsity = measured_sparsity(model, c, weights)
     info = {
         "name": name,
         "granularity": c.granularity if c.granularity != "n:m" else f"{c.n}:{c.m}",

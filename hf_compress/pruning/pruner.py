@@ -36,6 +36,13 @@ def check_plain(selected: dict[str, nn.Module]) -> None:
             )
 
 
+def unit_layers(model: nn.Module, granularity: str, selected) -> tuple[list, list[str]]:
+    """The `granularity` units (heads, neurons, layers) whose every Linear is in `selected`, and the names of
+    those Linears: what a structured run prunes (the attention projections for heads, the FFN for neurons)."""
+    groups = [g for g in unit_groups(model, granularity) if all(p in selected for p, _ in g.parts)]
+    return groups, list(dict.fromkeys(p for g in groups for p, _ in g.parts))
+
+
 class Pruner:
     """Masks (1 = kept, 0 = pruned, in the weights' dtype) over the weights of the targeted Linear layers of `model`."""
 
@@ -64,14 +71,13 @@ class Pruner:
                 "or use granularity='unstructured' / 'n:m' with method='magnitude'."
             )
         if granularity in STRUCTURED:
-            self.groups = [g for g in unit_groups(self.model, granularity) if all(p in selected for p, _ in g.parts)]
+            self.groups, names = unit_layers(self.model, granularity, selected)
             if not self.groups:
                 raise ValueError(
                     f"`pruning_targets`={targets!r} / `pruning_exclude`={exclude!r} cover no complete {granularity} unit: "
                     f"structured pruning needs every Linear of a unit selected (e.g. all of a layer's attention "
                     f"projections for heads). Selected: {list(selected)[:6]}..."
                 )
-            names = list(dict.fromkeys(p for g in self.groups for p, _ in g.parts))
         else:
             names = list(selected)
         self.names = names

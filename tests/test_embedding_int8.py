@@ -364,3 +364,31 @@ def test_quantising_a_converted_model_again_says_so(converted):
     _, _, d = converted
     with pytest.raises(ValueError, match=r"already converted \(export='torch-int8'\).*Start from the float model"):
         quantize_model(load_pretrained(d), QATConfig(export="torch-int8", embedding_bits=8))
+
+
+def test_resize_after_a_float_stored_conversion_saves_and_reloads(tmp_path):
+    """export=None keeps the table as floats on its grid; resize_token_embeddings afterwards (a user adding
+    tokens) must still save and reload (it used to be refused: the record kept the old row count). The old rows
+    stay on the grid, quantize_model again puts the new ones on it and records the new shape. An int8-stored
+    table cannot be resized at all (transformers refuses: it is not an nn.Embedding)."""
+    model = tiny_bert(hidden=64, ffn=128)
+    quantize_model(model, QATConfig(embedding_bits=8))
+    n = model.config.vocab_size
+    baked = model.get_input_embeddings().weight.detach().clone()
+    model.resize_token_embeddings(n + 8)
+    model.save_pretrained(tmp_path / "a")
+    batch = _batch()
+    batch["input_ids"][:, 1] = n + 3  # a new token
+    for back in (load_pretrained(tmp_path / "a"), AutoModelForSequenceClassification.from_pretrained(tmp_path / "a")):
+        assert back.get_input_embeddings().weight.shape[0] == n + 8
+        torch.testing.assert_close(_logits(back, batch), _logits(model, batch), rtol=0, atol=0)
+        assert torch.equal(back.get_input_embeddings().weight[:n], baked)
+    quantize_model(model, QATConfig(embedding_bits=8))
+    assert model.config.hf_compress["quantization"]["embedding"]["num_embeddings"] == n + 8
+    q, scale = _reference(model.get_input_embeddings().weight.detach())
+    assert torch.equal(model.get_input_embeddings().weight.detach(), q.float() * scale[:, None])
+    assert torch.equal(model.get_input_embeddings().weight[:n], baked)
+    real = tiny_bert(hidden=64, ffn=128)
+    quantize_model(real, QATConfig(export="torch-int8", embedding_bits=8))
+    with pytest.raises(TypeError, match="not an instance of"):
+        real.resize_token_embeddings(n + 8)

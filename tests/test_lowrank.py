@@ -230,6 +230,19 @@ def test_qat_planned_before_a_mid_run_factorisation_is_refused_before_training(t
     assert not any(isinstance(m, LowRankLinear) for m in t.model.modules())
 
 
+def test_a_trainer_built_and_never_trained_leaves_no_refusal_behind(tmp_path):
+    """A Trainer with a mid-run factorisation, built and dropped (a notebook cell run again without it): QAT on
+    the same model in the next Trainer used to be refused by that stale announcement. Only the Trainer that
+    announces a change counts; in the same Trainer the refusal stays (the test above)."""
+    model = tiny_bert()
+    trainer(tmp_path / "dropped", [LowRankCallback(LowRankConfig(lowrank_rank_fraction=0.25, lowrank_start_step=1))],
+            model=model)
+    t = trainer(tmp_path / "qat", [QATCallback(QATConfig(weight_bits=8, export="torch-int8"))], model=model)
+    t.train()
+    assert t.state.global_step == 6 and not any(isinstance(m, LowRankLinear) for m in t.model.modules())
+    assert Q in t.model.config.hf_compress["quantization"]["layers"]
+
+
 def test_composes_with_kd(tmp_path):
     after = Probe(2)
     cb = LowRankCallback(LowRankConfig(lowrank_rank_fraction=0.25, lowrank_start_step=2))

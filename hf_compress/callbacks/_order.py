@@ -12,7 +12,9 @@ what is still pending on that model (`finish_pending`) before it converts. Each 
 layers during training, after QATCallback chose its layers: QAT would then miss them (they would ship
 unquantised) or fail at its start step. The factorising callback announces its layers and step when the Trainer
 is built (`announce_mid_run_change`); QATCallback checks them at train begin (`mid_run_changes`) and refuses
-before the first step.
+before the first step. An announcement counts only for the Trainer that made it: it carries that Trainer's
+`state` at `on_init_end` (one object per Trainer, shared by its callbacks there), so a Trainer built and
+never trained leaves no refusal behind for the next one on the same model.
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ from __future__ import annotations
 import weakref
 
 _PENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [callbacks whose end is due]
-_MID_RUN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {layer name: (step, what)}
+_MID_RUN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {layer name: (step, what, trainer)}
 
 
-def announce_mid_run_change(model, names, step: int, what: str) -> None:
-    """`names` (modules of `model`) stop being plain Linears at optimizer step `step`: `what` says how."""
-    _MID_RUN.setdefault(model, {}).update({n: (step, what) for n in names})
+def announce_mid_run_change(model, names, step: int, what: str, trainer_state) -> None:
+    """`names` (modules of `model`) stop being plain Linears at optimizer step `step`: `what` says how.
+    `trainer_state`: the `state` the announcing callback's `on_init_end` received (which Trainer announces)."""
+    _MID_RUN.setdefault(model, {}).update({n: (step, what, trainer_state) for n in names})
 
 
-def mid_run_changes(model) -> dict:
-    """{layer name: (step, what)} announced for `model`."""
-    return dict(_MID_RUN.get(model, {}))
+def mid_run_changes(model, trainer_state=None) -> dict:
+    """{layer name: (step, what)} announced for `model` by the Trainer whose `on_init_end` state is
+    `trainer_state` (None: by any Trainer, for a callback added after its Trainer was built)."""
+    return {n: (step, what) for n, (step, what, t) in _MID_RUN.get(model, {}).items()
+            if trainer_state is None or t is trainer_state}
 
 
 def finish_before_converting(model, callback) -> None:

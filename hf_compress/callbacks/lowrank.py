@@ -113,7 +113,8 @@ class LowRankCallback(LogsForIntegrations, StatefulCallback):
             self._record(lr.model)
         elif lr.final is None:  # a QATCallback checks these at train begin (callbacks/_order.py)
             announce_mid_run_change(lr.model, lr.names, c.lowrank_start_step,
-                                    f"factorised by LowRankCallback at step {c.lowrank_start_step} (lowrank_start_step)")
+                                    f"factorised by LowRankCallback at step {c.lowrank_start_step} (lowrank_start_step)",
+                                    trainer_state=state)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         c = self.config

@@ -58,6 +58,7 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
         self.active = False  # fake quantisation is in the model
         self._observers = []  # cached: the hot path does not walk the module tree
         self._skipped = False  # the fp16 grad scaler skips this optimizer step
+        self._trainer = None  # the `state` of its Trainer's on_init_end: which Trainer it belongs to (_order.py)
         self.result: dict | None = None  # metadata recorded at the end of training
 
     # ------------------------------------------------------------------ helpers
@@ -106,6 +107,7 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self.refuse_zero3()
+        self._trainer = state
         if model is not None:
             self._plan(model)
         self._check_start(args.max_steps)
@@ -114,7 +116,7 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
         model = unwrap(model)
         self._plan(model)
         self._check_start(state.max_steps)
-        later = {n: w for n, (s, w) in mid_run_changes(model).items() if n in self.plan and s > state.global_step}
+        later = {n: w for n, (s, w) in mid_run_changes(model, self._trainer).items() if n in self.plan and s > state.global_step}
         if later:
             first = next(iter(later))
             raise ValueError(

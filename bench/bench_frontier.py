@@ -22,6 +22,8 @@ Points (kind: baseline / peer / ours; runtime: PyTorch eager or ONNX Runtime CPU
   quantize_model: the torch-int8 layers; ORT); the combined recipe structure trained for real: 3-layer
   student distilled from the teacher while PruningCallback removes 50% of the heads and 50% of the FFN
   neurons (taylor, local, done at 70% of the steps) and QATCallback int8 runs from there (PyTorch and ORT);
+  the same recipe on all 6 blocks, distilled from the dense teacher (depth kept, width cut: 50% heads + 50%
+  FFN neurons, and 50% FFN neurons only; lr 5e-5, bench_pruning's; PyTorch and ORT);
   int4 g64 QAT of the teacher through ORT's MatMulNBits when export_onnx supports int4 (detected).
 
 Every trained model is trained once and cached under bench/.cache/frontier/<key>/ (save_pretrained files,
@@ -42,15 +44,16 @@ The converged budget (bench_protocol's: 750 steps, its tuned student LR and best
 embeddings on our int8 points, training split over two processes (one thread each), then one measuring run:
 
     PY=/tmp/hf_compress_peers/torchao/bin/python; F="--steps 750 --student-lr 2e-4 --kd 4,0.9 --embedding-bits 8"
-    OMP_NUM_THREADS=1 $PY bench/bench_frontier.py $F --train-only plain3,kd3,combined,torchao-int8 &
-    OMP_NUM_THREADS=1 $PY bench/bench_frontier.py $F --train-only qat-int8,qat-int4g64,torchao-int4g64 &
+    OMP_NUM_THREADS=1 $PY bench/bench_frontier.py $F --train-only plain3,kd3,combined,torchao-int8,pruned6 &
+    OMP_NUM_THREADS=1 $PY bench/bench_frontier.py $F --train-only qat-int8,qat-int4g64,torchao-int4g64,pruned6-ffn &
     wait; OMP_NUM_THREADS=1 $PY bench/bench_frontier.py $F
 
 Seeds: ``--seeds 42,43,44`` trains and evaluates the ``--seeded`` points (default qat-int8,torchao-int8: the
 pair the domination rule separated by one sentence at seed 42) with every seed; their accuracy is the mean
 (per seed in accuracy_seeds), their latency and disk size the first seed's model. The other seeds' trainings
 split the same way (``--seeds 43,44 --train-only qat-int8`` beside ``--seeds 43,44 --train-only torchao-int8``),
-then ``$PY bench/bench_frontier.py $F --seeds 42,43,44`` measures.
+then ``$PY bench/bench_frontier.py $F --seeds 42,43,44`` measures. The published run (BENCHMARKS.md) seeds five
+points: ``--seeds 42,43,44 --seeded qat-int8,torchao-int8,qat-int4g64,torchao-int4g64,pruned6-ffn``.
     python bench/bench_frontier.py --steps 750                            # converged budget (new cache keys)
 """
 

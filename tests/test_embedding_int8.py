@@ -383,6 +383,18 @@ def test_resize_after_a_float_stored_conversion_saves_and_reloads(tmp_path):
         assert back.get_input_embeddings().weight.shape[0] == n + 8
         torch.testing.assert_close(_logits(back, batch), _logits(model, batch), rtol=0, atol=0)
         assert torch.equal(back.get_input_embeddings().weight[:n], baked)
+    # what stays checked for a float table: its width, and a row count that is a positive int
+    import shutil
+
+    for key, value, pattern in [("embedding_dim", 32, r"\(128, 32\) but the architecture has \(136, 64\)"),
+                                ("num_embeddings", -1, r"\(-1, 64\)"), ("num_embeddings", None, r"\(None, 64\)")]:
+        bad = tmp_path / f"bad-{key}-{value}"
+        shutil.copytree(tmp_path / "a", bad)
+        cfg = json.loads((bad / "config.json").read_text())
+        cfg["hf_compress"]["quantization"]["embedding"][key] = value
+        (bad / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=pattern):
+            load_pretrained(bad)
     quantize_model(model, QATConfig(embedding_bits=8))
     assert model.config.hf_compress["quantization"]["embedding"]["num_embeddings"] == n + 8
     q, scale = _reference(model.get_input_embeddings().weight.detach())

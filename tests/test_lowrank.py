@@ -243,6 +243,31 @@ def test_a_trainer_built_and_never_trained_leaves_no_refusal_behind(tmp_path):
     assert Q in t.model.config.hf_compress["quantization"]["layers"]
 
 
+def test_mid_run_factorisation_is_refused_for_a_model_init_model_and_a_callback_added_later(tmp_path):
+    """Two ways QAT could miss the announcement made when the Trainer was built: the model is built in train()
+    by model_init (the announcement named the init model), or the QATCallback is added after the Trainer was
+    built (never saw its on_init_end; here one used by an earlier Trainer). Refused at the first step, before
+    any optimizer step."""
+    def lowrank():
+        return LowRankCallback(LowRankConfig(lowrank_rank_fraction=0.25, lowrank_start_step=2))
+
+    def qat():
+        return QATCallback(QATConfig(weight_bits=8, activation_bits=8, qat_start_step=3, export="torch-int8"))
+
+    t = Trainer(model_init=lambda: tiny_bert(), args=args(tmp_path / "init"), train_dataset=TokenDataset(64, seed=3),
+                callbacks=[qat(), lowrank()])
+    with pytest.raises(ValueError, match=r"factorised by LowRankCallback at step 2"):
+        t.train()
+    assert t.state.global_step == 0
+    used = qat()
+    trainer(tmp_path / "a", [used]).train()
+    t = trainer(tmp_path / "b", [lowrank()])
+    t.add_callback(used)
+    with pytest.raises(ValueError, match=r"factorised by LowRankCallback at step 2"):
+        t.train()
+    assert t.state.global_step == 0
+
+
 def test_composes_with_kd(tmp_path):
     after = Probe(2)
     cb = LowRankCallback(LowRankConfig(lowrank_rank_fraction=0.25, lowrank_start_step=2))

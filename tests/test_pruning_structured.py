@@ -240,7 +240,8 @@ def test_pruning_and_qat_give_the_same_model_in_either_list_order(tmp_path, gran
 @pytest.mark.parametrize("order", [("heads", "neurons"), ("neurons", "heads")])
 def test_two_structured_callbacks_each_record_their_own_sparsity(order, tmp_path):
     """The first callback's removal takes every all-zero unit out, the other run's too: the second run must
-    still record what it pruned (it used to record 0.0), measured against the widths before the run."""
+    still record what it pruned (it used to record 0.0, or a mix of both runs' zeros), measured against the
+    widths before the run."""
     model = MODELS["bert"]()
     before = structure(model)
     targets = {"heads": 0.5, "neurons": 0.25}
@@ -254,3 +255,20 @@ def test_two_structured_callbacks_each_record_their_own_sparsity(order, tmp_path
     assert gone == pytest.approx(targets)  # both were removed, whatever the order
     runs = {r["granularity"]: r["sparsity"] for r in model.config.hf_compress["pruning"]["runs"]}
     assert runs == pytest.approx(gone, abs=1e-6)
+
+
+@pytest.mark.parametrize("order", [("heads", "layers"), ("layers", "heads")])
+def test_overlapping_structured_runs_record_their_own_units(order, tmp_path):
+    """A `layers` unit holds every Linear of its block, the attention projections a heads run prunes too: each
+    run records the fraction of its own units (zeros in the weights would count the other run's)."""
+    model = MODELS["bert"]()
+    n_layers = model.config.num_hidden_layers
+    targets = {"heads": 0.5, "layers": 0.5}
+    cbs = [PruningCallback(PruningConfig(granularity=g, target_sparsity=targets[g], scope="global" if g == "layers"
+                                         else "local", frequency=1, pruning_end_step=3)) for g in order]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=5,
+                             per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True, learning_rate=1e-3)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(48), callbacks=cbs).train()
+    assert model.config.num_hidden_layers == n_layers - round(0.5 * n_layers)
+    runs = {r["granularity"]: r["sparsity"] for r in model.config.hf_compress["pruning"]["runs"]}
+    assert runs == pytest.approx(targets, abs=1e-6)

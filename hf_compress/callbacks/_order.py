@@ -14,7 +14,9 @@ unquantised) or fail at its start step. The factorising callback announces its l
 is built (`announce_mid_run_change`); QATCallback checks them at train begin (`mid_run_changes`) and refuses
 before the first step. An announcement counts only for the Trainer that made it: it carries that Trainer's
 `state` at `on_init_end` (one object per Trainer, shared by its callbacks there), so a Trainer built and
-never trained leaves no refusal behind for the next one on the same model.
+never trained leaves no refusal behind for the next one on the same model. The factorising callback announces
+again at train begin with that run's `state` (one object per `train()`), which QATCallback checks at the run's
+first step: a model `model_init` builds in `train()`, or a QATCallback added to the Trainer after it was built.
 """
 
 from __future__ import annotations

@@ -136,8 +136,14 @@ class LowRankCallback(LogsForIntegrations, StatefulCallback):
         elif c.lowrank_start_step == 0 and lr.final is None:  # a model built in train() (model_init)
             lr.factorise(optimizer=optimizer, step=0, end=self.end)
             self._record(lr.model)
-        if lr.final is None and c.data_aware and state.global_step < c.lowrank_start_step:
-            lr.start_statistics()
+        if lr.final is None and state.global_step < c.lowrank_start_step:
+            # again for this train() (a model model_init built, or a QATCallback added to this Trainer later):
+            # a QATCallback checks it at its first step (callbacks/_order.py)
+            announce_mid_run_change(lr.model, lr.names, c.lowrank_start_step,
+                                    f"factorised by LowRankCallback at step {c.lowrank_start_step} (lowrank_start_step)",
+                                    trainer_state=state)
+            if c.data_aware:
+                lr.start_statistics()
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         lr, c, step = self.lowrank, self.config, state.global_step

@@ -196,10 +196,9 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
             self.pruner.update(self.sparsity_at(state.global_step))
         self.owed = False
         model = unwrap(model if model is not None else self.pruner.model)
-        # another structured PruningCallback's removal may have taken this run's zero units out of the model
-        # already (it removes every all-zero unit): then measure on the weights this run pruned, which it holds
-        own = None if self.pruner.same_model(model) else self.pruner.weights
-        self.removed = convert(model, self.config, name=self.name, weights=own)
+        # structured: the fraction of its own units, from its unit masks (zeros in the weights cannot tell whose)
+        own = self.pruner.unit_sparsity() if self.config.structured else None
+        self.removed = convert(model, self.config, name=self.name, sparsity=own)
         if self.removed is not None:
             self.pruner = None  # its masks describe the layers that were just replaced
 

@@ -59,6 +59,7 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
         self._observers = []  # cached: the hot path does not walk the module tree
         self._skipped = False  # the fp16 grad scaler skips this optimizer step
         self._trainer = None  # the `state` of its Trainer's on_init_end: which Trainer it belongs to (_order.py)
+        self._run_checked = None  # the `state` of the train() whose announcements were checked at its first step
         self.result: dict | None = None  # metadata recorded at the end of training
 
     # ------------------------------------------------------------------ helpers
@@ -116,15 +117,8 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
         model = unwrap(model)
         self._plan(model)
         self._check_start(state.max_steps)
-        later = {n: w for n, (s, w) in mid_run_changes(model, self._trainer).items() if n in self.plan and s > state.global_step}
-        if later:
-            first = next(iter(later))
-            raise ValueError(
-                f"QATCallback: {len(later)} of the layers it quantises (e.g. `{first}`) are {later[first]}, after QAT "
-                "chose them: QAT would miss the factorised layers (they would ship unquantised) or fail when it starts. "
-                "Use lowrank_start_step=0 and list LowRankCallback before QATCallback (factorised when the Trainer is "
-                "built, so QAT quantises the factors), or keep those layers out of QAT (QATConfig.qat_exclude)."
-            )
+        self._refuse_mid_run_changes(model, self._trainer, state.global_step)
+        self._run_checked = None
         if any(is_sharded(p) for p in model.parameters()):
             raise ValueError(
                 "QATCallback under FSDP2: converting to what ships needs the full model, which the Trainer never "
@@ -138,7 +132,25 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
         if resumed is not None:
             self._load_observers(model, *resumed)
 
+    def _refuse_mid_run_changes(self, model, trainer_state, step: int) -> None:
+        """Refuse when layers QAT quantises are announced to be replaced after `step` by the Trainer whose
+        init / run state is `trainer_state` (callbacks/_order.py)."""
+        later = {n: w for n, (s, w) in mid_run_changes(model, trainer_state).items() if n in self.plan and s > step}
+        if later:
+            first = next(iter(later))
+            raise ValueError(
+                f"QATCallback: {len(later)} of the layers it quantises (e.g. `{first}`) are {later[first]}, after QAT "
+                "chose them: QAT would miss the factorised layers (they would ship unquantised) or fail when it starts. "
+                "Use lowrank_start_step=0 and list LowRankCallback before QATCallback (factorised when the Trainer is "
+                "built, so QAT quantises the factors), or keep those layers out of QAT (QATConfig.qat_exclude)."
+            )
+
     def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self._run_checked is not state and self.model is not None:
+            # the first step of this train(): every callback's on_train_begin has run, so a change announced there
+            # (for a model model_init built, or by a Trainer this callback was added to later) is known now
+            self._refuse_mid_run_changes(self.model, state, state.global_step)
+            self._run_checked = state
         if self.model is not None and state.global_step >= self.config.qat_start_step and not self.active:
             self._activate(self.model, state.global_step)
 

@@ -38,25 +38,23 @@ def prepare(model: nn.Module, config) -> Pruner:
 
 
 @torch.no_grad()
-def measured_sparsity(model: nn.Module, config, weights=None) -> float | None:
+def measured_sparsity(model: nn.Module, config) -> float | None:
     """Fraction of exactly-zero weights in the (float Linear) layers `config` prunes, read from the weights
-    themselves (or from `weights`, those layers' weights as a run left them); None when there are none (e.g.
-    all converted to low-bit layers already). Structured: the layers of its units only (the attention
-    projections for heads, the FFN for neurons), as its Pruner and its training logs count them."""
+    themselves; None when there are none (e.g. all converted to low-bit layers already). Structured: the
+    layers of its units only (the attention projections for heads, the FFN for neurons), as its Pruner and its
+    training logs count them."""
     zeros = total = 0
-    if weights is None:
-        model = unwrap(model)
-        chosen = select_modules(model, config.pruning_targets, config.pruning_exclude, require=False)
-        if config.structured and chosen:
-            chosen = {x: chosen[x] for x in unit_layers(model, config.granularity, chosen)[1]}
-        weights = [module.weight for module in chosen.values()]
-    for w in weights:
+    model = unwrap(model)
+    chosen = select_modules(model, config.pruning_targets, config.pruning_exclude, require=False)
+    if config.structured and chosen:
+        chosen = {x: chosen[x] for x in unit_layers(model, config.granularity, chosen)[1]}
+    for w in (module.weight for module in chosen.values()):
         zeros += int(sum_shards((local(w.detach()) == 0).sum(), w))
         total += w.numel()
     return zeros / total if total else None
 
 
-def convert(model: nn.Module, config, name: str | None = None, weights=None) -> dict | None:
+def convert(model: nn.Module, config, name: str | None = None, sparsity: float | None = None) -> dict | None:
     """Make what training pruned into what ships, from the weights as they are now; idempotent.
 
     Structured granularities with ``remove_pruned``: every unit whose consuming weights are all zero and
@@ -66,16 +64,18 @@ def convert(model: nn.Module, config, name: str | None = None, weights=None) -> 
     best-model reload that is the reloaded checkpoint's, never the schedule's claim. Structured removal
     needs the full model: under FSDP2 gather first. Returns what was removed (structured) or None.
 
-    `weights`: the targeted layers' weights as this run left them, to measure on when the layers are no
-    longer those (another structured run's removal already took this run's zero units out with its own:
-    measured on the model, this run would record 0). `PruningCallback` passes its own then.
+    `sparsity`: the run's own measure, recorded instead of the one read from the weights. `PruningCallback`
+    passes it for structured runs: the fraction of its units its masks removed (after a best-model reload, the
+    reloaded checkpoint's masks). Zeros alone cannot tell whose units they are: two structured runs overlap
+    (layers with heads / neurons), and the first removal takes every all-zero unit out, the other run's too.
     """
     model = unwrap(model)
     c = config
     meta = get_metadata(model).get("pruning", {})
     name = name or c.tag
     before = next((r for r in meta.get("runs", []) if r.get("name") == name), {})
-    sparsity = measured_sparsity(model, c, weights)
+    if sparsity is None:
+        sparsity = measured_sparsity(model, c)
     info = {
         "name": name,
         "granularity": c.granularity if c.granularity != "n:m" else f"{c.n}:{c.m}",

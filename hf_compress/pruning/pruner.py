@@ -239,6 +239,11 @@ class Pruner:
     def units_removed(self) -> int:
         return int(sum((~u).sum() for u in self.units)) if self.units else 0
 
+    def unit_sparsity(self) -> float | None:
+        """Structured: the fraction of its units (heads, neurons, layers) its masks removed; None otherwise."""
+        total = sum(int(u.numel()) for u in self.units)
+        return self.units_removed() / total if total else None
+
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full tensors (gathered under FSDP2: call it on every rank), so a checkpoint fits any sharding."""

@@ -156,7 +156,8 @@ def check_embedding_record(e, skeleton_module: nn.Module | None, name: str) -> N
         bad(f"names {name!r:.200}, which is not the nn.Embedding of the architecture")
     shape = tuple(skeleton_module.weight.shape)
     recorded = (e.get("num_embeddings"), e.get("embedding_dim"))
-    if e.get("stored") == "float" and recorded[1] == shape[1]:
+    if (e.get("stored") == "float" and recorded[1] == shape[1] and isinstance(recorded[0], int)
+            and not isinstance(recorded[0], bool) and recorded[0] > 0):
         # a float table loads as the floats it holds: a row count changed since (resize_token_embeddings after
         # the conversion; its new rows are off the grid until quantize_model runs again) changes nothing here
         return

@@ -447,9 +447,10 @@ def main(argv=None):
     ao = torchao_points(tr)
     seed_folders: dict[int, dict[str, Path]] = {}  # the other seeds' cache folders of the --seeded points
     for s in seeds[1:]:
-        ts = tr.for_seed(s, only if only is not None else seeded)
-        seed_folders[s] = {k: g(ts) for k, g in getters.items() if k in seeded}
-        if not isinstance(ao, str) and any(k.startswith("torchao-") for k in seeded):
+        these = only if only is not None else seeded  # --train-only names train with every seed of --seeds
+        ts = tr.for_seed(s, these)
+        seed_folders[s] = {k: g(ts) for k, g in getters.items() if k in these}
+        if not isinstance(ao, str) and any(k.startswith("torchao-") for k in these):
             seed_folders[s].update({f"torchao-{label.replace(' ', '')}": folder
                                     for label, (_, folder, _) in torchao_points(ts).items()})
     train_minutes = (time.time() - t_train) / 60

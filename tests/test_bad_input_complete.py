@@ -172,8 +172,8 @@ RAISES = {
     },
     "callbacks/qat.py": {
         ("QATCallback.__init__", "ValueError", 1): "callback-config-and-kwargs",
-        ("QATCallback.on_train_begin", "ValueError", 1): "lowrank-qat-order",
-        ("QATCallback.on_train_begin", "ValueError", 2): "fsdp2-qat",
+        ("QATCallback._refuse_mid_run_changes", "ValueError", 1): "lowrank-qat-order",
+        ("QATCallback.on_train_begin", "ValueError", 1): "fsdp2-qat",
     },
     "checkpointing.py": {
         ("load_state", "ValueError", 1): "resume-cut-short",

@@ -228,6 +228,9 @@ def test_qat_planned_before_a_mid_run_factorisation_is_refused_before_training(t
         t.train()
     assert t.state.global_step == 0
     assert not any(isinstance(m, LowRankLinear) for m in t.model.modules())
+    from hf_compress.quantization import fake_quant_layers
+
+    assert not fake_quant_layers(t.model)  # refused at train begin, before QAT changed the model
 
 
 def test_a_trainer_built_and_never_trained_leaves_no_refusal_behind(tmp_path):

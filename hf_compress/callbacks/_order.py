@@ -24,19 +24,21 @@ from __future__ import annotations
 import weakref
 
 _PENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [callbacks whose end is due]
-_MID_RUN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {layer name: (step, what, trainer)}
+# model -> {(layer name, id(state)): (step, what, state)}
+_MID_RUN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def announce_mid_run_change(model, names, step: int, what: str, trainer_state) -> None:
     """`names` (modules of `model`) stop being plain Linears at optimizer step `step`: `what` says how.
-    `trainer_state`: the `state` the announcing callback's `on_init_end` received (which Trainer announces)."""
-    _MID_RUN.setdefault(model, {}).update({n: (step, what, trainer_state) for n in names})
+    `trainer_state`: the `state` of the announcing event: `on_init_end`'s names the Trainer, `on_train_begin`'s
+    the `train()` run. Kept side by side, so a check against either finds it."""
+    _MID_RUN.setdefault(model, {}).update({(n, id(trainer_state)): (step, what, trainer_state) for n in names})
 
 
 def mid_run_changes(model, trainer_state=None) -> dict:
-    """{layer name: (step, what)} announced for `model` by the Trainer whose `on_init_end` state is
-    `trainer_state` (None: by any Trainer, for a callback added after its Trainer was built)."""
-    return {n: (step, what) for n, (step, what, t) in _MID_RUN.get(model, {}).items()
+    """{layer name: (step, what)} announced for `model` with `trainer_state` (a Trainer's init state or a
+    run's state; None: by any Trainer, for a callback added after its Trainer was built)."""
+    return {n: (step, what) for (n, _), (step, what, t) in _MID_RUN.get(model, {}).items()
             if trainer_state is None or t is trainer_state}
 
 

@@ -92,6 +92,12 @@ class LowRankCallback(LogsForIntegrations, StatefulCallback):
     def state_weights(self):
         return self.lowrank.weights() if self.lowrank is not None else []
 
+    def _announce(self, lr, state) -> None:
+        """Tell a QATCallback of the same Trainer / run (`state`) which layers the factorisation replaces, and when."""
+        step = self.config.lowrank_start_step
+        announce_mid_run_change(lr.model, lr.names, step, f"factorised by LowRankCallback at step {step} (lowrank_start_step)",
+                                trainer_state=state)
+
     # ------------------------------------------------------------------ events
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self.refuse_zero3()
@@ -112,9 +118,7 @@ class LowRankCallback(LogsForIntegrations, StatefulCallback):
             lr.factorise(optimizer=None, step=0, end=c.lowrank_start_step + 1)
             self._record(lr.model)
         elif lr.final is None:  # a QATCallback checks these at train begin (callbacks/_order.py)
-            announce_mid_run_change(lr.model, lr.names, c.lowrank_start_step,
-                                    f"factorised by LowRankCallback at step {c.lowrank_start_step} (lowrank_start_step)",
-                                    trainer_state=state)
+            self._announce(lr, state)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         c = self.config
@@ -139,9 +143,7 @@ class LowRankCallback(LogsForIntegrations, StatefulCallback):
         if lr.final is None and state.global_step < c.lowrank_start_step:
             # again for this train() (a model model_init built, or a QATCallback added to this Trainer later):
             # a QATCallback checks it at its first step (callbacks/_order.py)
-            announce_mid_run_change(lr.model, lr.names, c.lowrank_start_step,
-                                    f"factorised by LowRankCallback at step {c.lowrank_start_step} (lowrank_start_step)",
-                                    trainer_state=state)
+            self._announce(lr, state)
             if c.data_aware:
                 lr.start_statistics()
 

@@ -272,3 +272,49 @@ def test_overlapping_structured_runs_record_their_own_units(order, tmp_path):
     assert model.config.num_hidden_layers == n_layers - round(0.5 * n_layers)
     runs = {r["granularity"]: r["sparsity"] for r in model.config.hf_compress["pruning"]["runs"]}
     assert runs == pytest.approx(targets, abs=1e-6)
+
+
+@pytest.mark.parametrize("order", [("heads", "layers"), ("layers", "heads")])
+def test_best_model_reload_with_overlapping_structured_runs_removes_the_best_checkpoints_units(order, tmp_path):
+    """load_best_model_at_end with a heads run and a layers run: which blocks are skipped is not in the weights
+    (a forward hook), so it comes back only when the layers run restores its masks. With the heads run listed
+    first, its removal used to run before that restore and deleted the blocks skipped at the *end* of training,
+    not those of the best checkpoint (a different model than the one evaluated, or an IndexError). Every run
+    now restores before any removes: the shipped model is the best checkpoint's, in either order."""
+    from safetensors.torch import load_file
+
+    from hf_compress.pruning.structured.common import find_blocks, set_layer_skip
+
+    torch.manual_seed(0)
+    model = MODELS["bert"]()
+    n_layers = model.config.num_hidden_layers
+    calls = []
+
+    def metrics(_):
+        calls.append(1)
+        return {"score": 1.0 / len(calls)}  # the first evaluation (step 2) is the best
+
+    cbs = [PruningCallback(PruningConfig(granularity=g, target_sparsity=0.5, scope="global" if g == "layers" else "local",
+                                         frequency=1, pruning_start_step=0, pruning_end_step=6)) for g in order]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=8, learning_rate=1e-3,
+                             per_device_train_batch_size=8, disable_tqdm=True, seed=0, eval_strategy="steps",
+                             eval_steps=2, save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+                             metric_for_best_model="score", greater_is_better=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(64), eval_dataset=TokenDataset(8, seed=5),
+                      callbacks=cbs, compute_metrics=metrics)
+    trainer.train()
+    best = tmp_path / "run" / "checkpoint-2"
+    assert trainer.state.best_model_checkpoint == str(best)
+    # the reference, computed without hf_compress' end of training: the best checkpoint's weights with its
+    # skipped blocks (the layers run's saved unit masks) passed through
+    ref = AutoModelForSequenceClassification.from_pretrained(best)
+    layer_units = load_file(best / "hf_compress" / "pruning_layers.safetensors")
+    kept = [bool(layer_units[f"units.{i}"].all()) for i in range(n_layers)]
+    assert 0 < n_layers - sum(kept) < round(0.5 * n_layers)  # the best checkpoint skipped fewer blocks than the end
+    for block, keep in zip(find_blocks(ref)[1], kept):
+        set_layer_skip(block, not keep)
+    batch = _batch()
+    assert model.config.num_hidden_layers == sum(kept)
+    torch.testing.assert_close(_logits(model, batch), _logits(ref, batch), rtol=1e-5, atol=1e-5)
+    trainer.save_model(str(tmp_path / "out"))
+    torch.testing.assert_close(_logits(load_pretrained(tmp_path / "out"), batch), _logits(ref, batch), rtol=1e-5, atol=1e-5)

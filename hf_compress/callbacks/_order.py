@@ -7,6 +7,9 @@ the layers into int8 or 4-bit ones, or records their shapes for reloading. So a 
 quantisation registers itself on the model it trains (`finish_before_converting`), and the quantising callback runs
 what is still pending on that model (`finish_pending`) before it converts. Each registered callback's
 `on_train_end` then runs once per run: the Trainer's own later call finds it done (`finished_this_run`).
+Among pruning runs on one model, the first end to run restores the final masks of those still pending
+(`still_pending`) before it removes anything: after a best-model reload, a layers run's skipped blocks come back
+only with its masks, and the first removal deletes every skipped block and all-zero unit, the other runs' too.
 
 **Structure that changes mid-run.** LowRankCallback with lowrank_start_step > 0 replaces Linears by factorised
 layers during training, after QATCallback chose its layers: QAT would then miss them (they would ship
@@ -58,6 +61,11 @@ def finished_this_run(model, callback) -> bool:
             del pending[i]
             return False
     return True
+
+
+def still_pending(model) -> list:
+    """The callbacks registered on `model` whose `on_train_end` has not run yet this run."""
+    return list(_PENDING.get(model, []))
 
 
 def finish_pending(model, args, state, control, **kwargs) -> None:

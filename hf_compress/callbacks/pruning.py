@@ -35,7 +35,7 @@ from ..pruning.config import PruningConfig
 from ..pruning.pruner import check_plain
 from ..sharding import is_sharded
 from ._amp import skipped_by_scaler
-from ._order import finish_before_converting, finished_this_run
+from ._order import finish_before_converting, finished_this_run, still_pending
 from ._logs import LogsForIntegrations, is_training_log
 
 
@@ -50,6 +50,7 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
         self.snapshot = None  # weights at rewind_step, until they are used
         self.removed: dict | None = None
         self.owed = False  # a mask update fell on a step the fp16 scaler skipped: due at the next step taken
+        self.restored = False  # this run's final masks are restored (on_train_end, or another run's end first)
 
     # ------------------------------------------------------------------ helpers
     def _pruner(self, model) -> Pruner:
@@ -103,6 +104,7 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
         pruner = self._pruner(model)
         check_plain(dict(zip(pruner.names, (pruner.model.get_submodule(x) for x in pruner.names))))
         finish_before_converting(pruner.model, self)  # QATCallback runs this end first, wherever it is listed
+        self.restored = False
         c = self.config
         if c.structured and c.remove_pruned and any(is_sharded(w) for w in pruner.weights):
             raise ValueError(
@@ -184,6 +186,26 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
         super().on_train_end(args, state, control)
         if self.pruner is None:
             return
+        # Every pruning run on this model restores its final masks before any of them removes units: which
+        # blocks a layers run skips is a forward hook, not in the weights, and the first removal deletes every
+        # skipped block and all-zero unit, the other runs' too.
+        for other in still_pending(self.pruner.model):
+            if isinstance(other, PruningCallback) and other.pruner is not None:
+                other._restore_final_masks(args, state)
+        self._restore_final_masks(args, state)
+        model = unwrap(model if model is not None else self.pruner.model)
+        # structured: the fraction of its own units, from its unit masks (zeros in the weights cannot tell whose)
+        own = self.pruner.unit_sparsity() if self.config.structured else None
+        self.removed = convert(model, self.config, name=self.name, sparsity=own)
+        if self.removed is not None:
+            self.pruner = None  # its masks describe the layers that were just replaced
+
+    def _restore_final_masks(self, args, state) -> None:
+        """The masks the shipped model keeps, once per run: after a best-model reload the best checkpoint's (the
+        Trainer reloaded its weights), else this run's, with an update the fp16 scaler skipped made up."""
+        if self.restored:
+            return
+        self.restored = True
         best = best_checkpoint(args, state)
         if best is not None:  # the Trainer reloaded the best checkpoint's weights: its masks come back too
             tensors, meta = load_state(best, self.name, config=self.config)
@@ -195,12 +217,6 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
         elif self.owed:  # the run's last update point was skipped (fp16 overflow) and no step followed
             self.pruner.update(self.sparsity_at(state.global_step))
         self.owed = False
-        model = unwrap(model if model is not None else self.pruner.model)
-        # structured: the fraction of its own units, from its unit masks (zeros in the weights cannot tell whose)
-        own = self.pruner.unit_sparsity() if self.config.structured else None
-        self.removed = convert(model, self.config, name=self.name, sparsity=own)
-        if self.removed is not None:
-            self.pruner = None  # its masks describe the layers that were just replaced
 
     def summary(self) -> dict:
         """Sparsity now (overall and per module) and what the end of training removed."""

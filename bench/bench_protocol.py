@@ -100,12 +100,13 @@ METHODS = {
     # the same 750 steps with KD from its dense self (cached logits, the best KD setting above). Cubic schedule
     # from step 0 to 60% of the steps (mask updates every 2%), then 40% recovery at the final sparsity.
     # LR: 1e-4 (no full sweep: retention is against the teacher, there is no baseline to tune against); 80% and
-    # 90% also 2e-4, picked on dev like every sweep, since recovering from high sparsity may want more.
+    # 90% also 2e-4 and 4e-4 (6th/9th sessions: 2e-4 won, at the top of the grid, so the grid goes one step
+    # further), picked on dev like every sweep, since recovering from high sparsity may want more.
     # `target` = the goal.
-    "prune 80% + KD T=4 a=0.9": dict(kd=dict(temperature=4.0, alpha=0.9), layers=list(range(6)), lrs=[1e-4, 2e-4],
+    "prune 80% + KD T=4 a=0.9": dict(kd=dict(temperature=4.0, alpha=0.9), layers=list(range(6)), lrs=[1e-4, 2e-4, 4e-4],
                                      prune=[dict(target_sparsity=0.8, method="magnitude", granularity="unstructured")],
                                      target=0.97),
-    "prune 90% + KD T=4 a=0.9": dict(kd=dict(temperature=4.0, alpha=0.9), layers=list(range(6)), lrs=[1e-4, 2e-4],
+    "prune 90% + KD T=4 a=0.9": dict(kd=dict(temperature=4.0, alpha=0.9), layers=list(range(6)), lrs=[1e-4, 2e-4, 4e-4],
                                      prune=[dict(target_sparsity=0.9, method="magnitude", granularity="unstructured")],
                                      target=0.93),
     "2:4 + KD T=4 a=0.9": dict(kd=dict(temperature=4.0, alpha=0.9), layers=list(range(6)), lrs=[1e-4],

@@ -318,3 +318,22 @@ def test_best_model_reload_with_overlapping_structured_runs_removes_the_best_che
     torch.testing.assert_close(_logits(model, batch), _logits(ref, batch), rtol=1e-5, atol=1e-5)
     trainer.save_model(str(tmp_path / "out"))
     torch.testing.assert_close(_logits(load_pretrained(tmp_path / "out"), batch), _logits(ref, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["heads", "neurons", "layers"])
+def test_converting_a_removed_model_again_keeps_its_recorded_sparsity(granularity):
+    """`convert` is idempotent: a second call on the shrunk model (its zeros are gone with the removed units)
+    used to record sparsity 0.0 over the first call's measured figure."""
+    from hf_compress.pruning import convert, prepare
+
+    model = MODELS["bert"]()
+    c = PruningConfig(granularity=granularity, target_sparsity=0.5, method="magnitude",
+                      scope="global" if granularity == "layers" else "local")
+    prepare(model, c).update(0.5)
+    assert convert(model, c)["parameters"] > 0
+    first = [dict(r) for r in model.config.hf_compress["pruning"]["runs"]]
+    assert first[0]["sparsity"] == pytest.approx(0.5, abs=0.02)
+    shape = structure(model)
+    again = convert(model, c)
+    assert again["parameters"] == 0 and structure(model) == shape
+    assert model.config.hf_compress["pruning"]["runs"] == first

@@ -61,8 +61,10 @@ def convert(model: nn.Module, config, name: str | None = None, sparsity: float |
     every layer marked as skipped is deleted (`remove_pruned`; the logits do not change). Always: the
     run is recorded in ``config.hf_compress["pruning"]["runs"]`` under `name` (default: the config's
     tag; converting again replaces the entry), with the sparsity *measured* on the weights — after a
-    best-model reload that is the reloaded checkpoint's, never the schedule's claim. Structured removal
-    needs the full model: under FSDP2 gather first. Returns what was removed (structured) or None.
+    best-model reload that is the reloaded checkpoint's, never the schedule's claim. A structured conversion
+    that finds nothing left to remove keeps the figure recorded before (the zeros left with the units).
+    Structured removal needs the full model: under FSDP2 gather first. Returns what was removed (structured)
+    or None.
 
     `sparsity`: the run's own measure, recorded instead of the one read from the weights. `PruningCallback`
     passes it for structured runs: the fraction of its units its masks removed (after a best-model reload, the
@@ -74,7 +76,8 @@ def convert(model: nn.Module, config, name: str | None = None, sparsity: float |
     meta = get_metadata(model).get("pruning", {})
     name = name or c.tag
     before = next((r for r in meta.get("runs", []) if r.get("name") == name), {})
-    if sparsity is None:
+    given = sparsity is not None
+    if not given:
         sparsity = measured_sparsity(model, c)
     info = {
         "name": name,
@@ -96,6 +99,9 @@ def convert(model: nn.Module, config, name: str | None = None, sparsity: float |
             )
         removed = remove_pruned(model)
         meta = get_metadata(model)["pruning"]
+        if before and not any(removed[k] for k in ("layers", "heads", "neurons")) and not given:
+            # converted before: its zeros left with the units it removed, so the weights now read 0
+            info["sparsity"] = before.get("sparsity")
         if getattr(c, "uniform", False) and not is_uniform(model):
             warnings.warn(
                 f"PruningConfig.uniform=True, but the layers now differ ({meta.get('heads')} heads, {meta.get('ffn')} "

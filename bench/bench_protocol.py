@@ -109,6 +109,14 @@ METHODS = {
     "prune 90% + KD T=4 a=0.9": dict(kd=dict(temperature=4.0, alpha=0.9), layers=list(range(6)), lrs=[1e-4, 2e-4, 4e-4],
                                      prune=[dict(target_sparsity=0.9, method="magnitude", granularity="unstructured")],
                                      target=0.93),
+    # + hidden-state matching against the dense model (same shapes: block i to block i, no projection; the teacher
+    # runs online), at the LR its base method's sweep chose (80%: 4e-4, 90%: 2e-4); dev decides if it is kept
+    "prune 80% + KD T=4 a=0.9 + hidden MSE": dict(kd=dict(temperature=4.0, alpha=0.9, hidden_loss_weight=1.0),
+                                                  layers=list(range(6)), lrs=[4e-4], target=0.97,
+                                                  prune=[dict(target_sparsity=0.8, method="magnitude", granularity="unstructured")]),
+    "prune 90% + KD T=4 a=0.9 + hidden MSE": dict(kd=dict(temperature=4.0, alpha=0.9, hidden_loss_weight=1.0),
+                                                  layers=list(range(6)), lrs=[2e-4], target=0.93,
+                                                  prune=[dict(target_sparsity=0.9, method="magnitude", granularity="unstructured")]),
     "2:4 + KD T=4 a=0.9": dict(kd=dict(temperature=4.0, alpha=0.9), layers=list(range(6)), lrs=[1e-4],
                                prune=[dict(granularity="2:4", method="magnitude")], target=0.98),
 }

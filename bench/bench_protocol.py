@@ -86,9 +86,10 @@ BASELINE = "no KD"
 # method name -> settings. kd: DistillationConfig kwargs (None = stock Trainer); layers: student init.
 # The first two are the headline pair (their sweeps and seeds run first); the rest run in this order.
 METHODS = {
-    "no KD": dict(kd=None),
+    # no KD and KD T=4 a=0.9 both chose 2e-4, the top of the grid: their sweeps go one step further (9th session)
+    "no KD": dict(kd=None, extra_lrs=[4e-4]),
     "KD logits T=2 a=0.5": dict(kd=dict(temperature=2.0, alpha=0.5)),
-    "KD logits T=4 a=0.9": dict(kd=dict(temperature=4.0, alpha=0.9)),
+    "KD logits T=4 a=0.9": dict(kd=dict(temperature=4.0, alpha=0.9), extra_lrs=[4e-4]),
     # the next two build on the best logit setting (T=4, a=0.9; T=2 a=0.5 gained nothing at this budget)
     "KD T=4 a=0.9 + hidden MSE": dict(kd=dict(temperature=4.0, alpha=0.9, hidden_loss_weight=1.0)),
     "KD T=4 a=0.9, init [0,3,5]": dict(kd=dict(temperature=4.0, alpha=0.9), layers=[0, 3, 5]),
@@ -157,7 +158,9 @@ def pruning_schedule(steps: int) -> dict:
 
 
 def method_lrs(method: str) -> list[float]:
-    return METHODS[method].get("lrs", LRS)
+    """`lrs` when given, else the grid plus `extra_lrs` (not in --quick: its smaller grid stays as it is)."""
+    spec = METHODS[method]
+    return spec.get("lrs", LRS + ([] if LRS is QUICK_LRS else spec.get("extra_lrs", [])))
 
 
 def cache_dir(quick: bool) -> Path:

@@ -337,3 +337,38 @@ def test_converting_a_removed_model_again_keeps_its_recorded_sparsity(granularit
     again = convert(model, c)
     assert again["parameters"] == 0 and structure(model) == shape
     assert model.config.hf_compress["pruning"]["runs"] == first
+
+
+@pytest.mark.parametrize("second", ["qat", "best"])
+def test_a_refused_run_leaves_no_pending_end_for_the_next_run(second, tmp_path):
+    """A run refused at train begin (after a PruningCallback registered its end on the model) used to leave that
+    callback pending: the next run's QATCallback ran its end (a bogus second pruning record, sparsity 0.0), or the
+    next run's pruning end restored it and failed (no state in the checkpoint). Pending ends belong to their run."""
+    from hf_compress import QATCallback, QATConfig
+
+    torch.manual_seed(0)
+    model = MODELS["bert"]()
+
+    def heads():
+        return PruningCallback(PruningConfig(granularity="heads", target_sparsity=0.5, scope="local", frequency=1,
+                                             pruning_start_step=0, pruning_end_step=3))
+
+    def args(out, **kw):
+        return TrainingArguments(output_dir=str(tmp_path / out), use_cpu=True, report_to=[], learning_rate=1e-3,
+                                 per_device_train_batch_size=8, disable_tqdm=True, seed=0, **kw)
+
+    refused = Trainer(model=model, args=args("r1", num_train_epochs=1, save_strategy="no"), train_dataset=TokenDataset(64),
+                      callbacks=[heads(), QATCallback(QATConfig(weight_bits=8, qat_start_step=100))])
+    with pytest.raises(ValueError, match="qat_start_step=100"):
+        refused.train()
+    if second == "qat":
+        cbs, kw, ev = [heads(), QATCallback(QATConfig(weight_bits=8))], dict(max_steps=6, save_strategy="no"), None
+    else:
+        cbs, ev = [heads()], TokenDataset(8, seed=5)
+        kw = dict(max_steps=6, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                  load_best_model_at_end=True, metric_for_best_model="loss")
+    Trainer(model=model, args=args("r2", **kw), train_dataset=TokenDataset(64), eval_dataset=ev, callbacks=cbs).train()
+    runs = model.config.hf_compress["pruning"]["runs"]
+    assert len(runs) == 1 and runs[0]["granularity"] == "heads"
+    assert runs[0]["sparsity"] == pytest.approx(1 - sum(structure(model)["heads"]) / (4 * 4))
+    assert runs[0]["sparsity"] > 0

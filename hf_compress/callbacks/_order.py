@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import weakref
 
-_PENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [callbacks whose end is due]
+_PENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [(callback whose end is due, its run's state)]
 # model -> {(layer name, id(state)): (step, what, state)}
 _MID_RUN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -45,31 +45,33 @@ def mid_run_changes(model, trainer_state=None) -> dict:
             if trainer_state is None or t is trainer_state}
 
 
-def finish_before_converting(model, callback) -> None:
-    """Register `callback` (at its train begin): its `on_train_end` must run before `model` is converted."""
-    pending = _PENDING.setdefault(model, [])
-    if not any(c is callback for c in pending):
-        pending.append(callback)
+def finish_before_converting(model, callback, trainer_state) -> None:
+    """Register `callback` at its train begin (`trainer_state`: that run's `state`): its `on_train_end` must run
+    before `model` is converted. Registrations of other runs are dropped: a run refused or stopped before its
+    end leaves none behind for the next one on the same model."""
+    kept = [(c, t) for c, t in _PENDING.get(model, []) if t is trainer_state and c is not callback]
+    _PENDING[model] = kept + [(callback, trainer_state)]
 
 
 def finished_this_run(model, callback) -> bool:
     """Called first in the registered callback's `on_train_end`: True when that end already ran this run
     (a converting callback ran it early); otherwise marks it as running now and returns False."""
     pending = _PENDING.get(model, [])
-    for i, c in enumerate(pending):
+    for i, (c, _) in enumerate(pending):
         if c is callback:
             del pending[i]
             return False
     return True
 
 
-def still_pending(model) -> list:
-    """The callbacks registered on `model` whose `on_train_end` has not run yet this run."""
-    return list(_PENDING.get(model, []))
+def still_pending(model, trainer_state) -> list:
+    """The callbacks registered on `model` by the run of `trainer_state` whose `on_train_end` has not run yet."""
+    return [c for c, t in _PENDING.get(model, []) if t is trainer_state]
 
 
 def finish_pending(model, args, state, control, **kwargs) -> None:
-    """Run the `on_train_end` of every callback still registered on `model` (called before converting it)."""
+    """Run the `on_train_end` of every callback the run of `state` registered on `model` and that has not ended
+    yet (called before converting it)."""
     kwargs.pop("model", None)
-    for callback in list(_PENDING.get(model, [])):
+    for callback in still_pending(model, state):
         callback.on_train_end(args, state, control, model=model, **kwargs)

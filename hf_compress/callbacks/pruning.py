@@ -103,7 +103,7 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         pruner = self._pruner(model)
         check_plain(dict(zip(pruner.names, (pruner.model.get_submodule(x) for x in pruner.names))))
-        finish_before_converting(pruner.model, self)  # QATCallback runs this end first, wherever it is listed
+        finish_before_converting(pruner.model, self, state)  # QATCallback runs this end first, wherever it is listed
         self.restored = False
         c = self.config
         if c.structured and c.remove_pruned and any(is_sharded(w) for w in pruner.weights):
@@ -189,7 +189,7 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
         # Every pruning run on this model restores its final masks before any of them removes units: which
         # blocks a layers run skips is a forward hook, not in the weights, and the first removal deletes every
         # skipped block and all-zero unit, the other runs' too.
-        for other in still_pending(self.pruner.model):
+        for other in still_pending(self.pruner.model, state):
             if isinstance(other, PruningCallback) and other.pruner is not None:
                 other._restore_final_masks(args, state)
         self._restore_final_masks(args, state)

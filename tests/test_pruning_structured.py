@@ -372,3 +372,34 @@ def test_a_refused_run_leaves_no_pending_end_for_the_next_run(second, tmp_path):
     assert len(runs) == 1 and runs[0]["granularity"] == "heads"
     assert runs[0]["sparsity"] == pytest.approx(1 - sum(structure(model)["heads"]) / (4 * 4))
     assert runs[0]["sparsity"] > 0
+
+
+@pytest.mark.parametrize("order", [("heads", "unstructured"), ("unstructured", "heads")])
+def test_unstructured_run_beside_a_heads_run_records_its_own_masks(order, tmp_path):
+    """An unstructured run listed after a heads run measured the weights after the heads were removed (their
+    zeros gone with them): its recorded sparsity depended on the list order. It now records its masks' figure
+    (after a best-model reload, the best checkpoint's), in either order."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = MODELS["bert"]()
+    calls = []
+
+    def metrics(_):
+        calls.append(1)
+        return {"score": 1.0 / len(calls)}  # the first evaluation (step 2) is the best
+
+    cbs = [PruningCallback(PruningConfig(granularity=g, target_sparsity=0.5, scope="local", frequency=1,
+                                         pruning_start_step=0, pruning_end_step=6)) for g in order]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=8, learning_rate=1e-3,
+                             per_device_train_batch_size=8, disable_tqdm=True, seed=0, eval_strategy="steps",
+                             eval_steps=2, save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+                             metric_for_best_model="score", greater_is_better=True)
+    Trainer(model=model, args=args, train_dataset=TokenDataset(64), eval_dataset=TokenDataset(8, seed=5),
+            callbacks=cbs, compute_metrics=metrics).train()
+    saved = load_file(tmp_path / "run" / "checkpoint-2" / "hf_compress" / "pruning_unstructured.safetensors")
+    masks = [v for k, v in saved.items() if k.startswith("mask.")]
+    want = sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert 0 < want < 0.5  # the best checkpoint's, not the schedule's final 0.5
+    runs = {r["granularity"]: r["sparsity"] for r in model.config.hf_compress["pruning"]["runs"]}
+    assert runs["unstructured"] == pytest.approx(want, abs=1e-6)

@@ -19,7 +19,8 @@ Event by event (public TrainerCallback events only):
   saves so that no kill point (checkpoint rotation included) loses them (`hf_compress.checkpointing`).
 - on_train_end: after any best-model reload (the masks of the reloaded checkpoint come back with it),
   `hf_compress.pruning.convert` makes the model what ships: structured units removed, the run recorded
-  with the sparsity measured on the weights, so `hf_compress.load_pretrained` rebuilds it. Always before
+  with the sparsity of its (restored) masks, so `hf_compress.load_pretrained` rebuilds it. Every pruning run
+  on the model restores its masks before any removes units (`callbacks/_order.py`). Always before
   QATCallback converts, in either list order: a QATCallback listed first runs this end itself before
   converting (`callbacks/_order.py`), and the Trainer's call then finds it done.
 It only touches the `model` the Trainer hands it — the student under DistillationTrainer. Two
@@ -194,8 +195,9 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
                 other._restore_final_masks(args, state)
         self._restore_final_masks(args, state)
         model = unwrap(model if model is not None else self.pruner.model)
-        # structured: the fraction of its own units, from its unit masks (zeros in the weights cannot tell whose)
-        own = self.pruner.unit_sparsity() if self.config.structured else None
+        # its own figure, from its masks (zeros in the weights cannot tell whose, and another run's removal may have
+        # taken some away): structured, the fraction of its units; else of its targeted weights
+        own = self.pruner.unit_sparsity() if self.config.structured else self.pruner.sparsity()
         self.removed = convert(model, self.config, name=self.name, sparsity=own)
         if self.removed is not None:
             self.pruner = None  # its masks describe the layers that were just replaced

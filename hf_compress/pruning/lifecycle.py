@@ -67,9 +67,10 @@ def convert(model: nn.Module, config, name: str | None = None, sparsity: float |
     or None.
 
     `sparsity`: the run's own measure, recorded instead of the one read from the weights. `PruningCallback`
-    passes it for structured runs: the fraction of its units its masks removed (after a best-model reload, the
-    reloaded checkpoint's masks). Zeros alone cannot tell whose units they are: two structured runs overlap
-    (layers with heads / neurons), and the first removal takes every all-zero unit out, the other run's too.
+    passes it, from its masks (after a best-model reload, the reloaded checkpoint's): structured, the fraction
+    of its units removed; else of its targeted weights zeroed. Zeros alone cannot tell whose they are: runs
+    overlap (layers with heads / neurons, unstructured with any), and the first removal takes every all-zero
+    unit out, the other runs' zeros too.
     """
     model = unwrap(model)
     c = config

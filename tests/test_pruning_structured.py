@@ -403,3 +403,49 @@ def test_unstructured_run_beside_a_heads_run_records_its_own_masks(order, tmp_pa
     assert 0 < want < 0.5  # the best checkpoint's, not the schedule's final 0.5
     runs = {r["granularity"]: r["sparsity"] for r in model.config.hf_compress["pruning"]["runs"]}
     assert runs["unstructured"] == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("qat_first", [True, False])
+def test_qat_plan_follows_the_blocks_a_layers_run_removes(qat_first, tmp_path):
+    """QATCallback names its layers when training starts; a layers run renames the blocks after the ones it removes.
+    QAT used to convert by the old names: a block excluded from QAT (qat_exclude) shipped quantised under its new
+    index, and with a best-model reload its checkpoint check failed on a block that no longer exists. The plan now
+    follows the blocks, and the best checkpoint is checked before anything is removed."""
+    from safetensors.torch import load_file
+
+    from hf_compress import QATCallback, QATConfig
+    from hf_compress.modules import find_blocks
+
+    torch.manual_seed(0)
+    model = MODELS["bert"]()
+    blocks = list(find_blocks(model)[1])
+    calls = []
+
+    def metrics(_):
+        calls.append(1)
+        return {"score": 1.0 / len(calls)}  # the first evaluation (step 2) is the best
+
+    layers = PruningCallback(PruningConfig(granularity="layers", target_sparsity=0.5, frequency=1, pruning_start_step=0,
+                                           pruning_end_step=6))
+    qat = QATCallback(QATConfig(weight_bits=4, group_size=16, qat_exclude=[r"encoder\.layer\.3\."]))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=8, learning_rate=1e-3,
+                             per_device_train_batch_size=8, disable_tqdm=True, seed=0, eval_strategy="steps",
+                             eval_steps=2, save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+                             metric_for_best_model="score", greater_is_better=True)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(64), eval_dataset=TokenDataset(8, seed=5),
+                      callbacks=[qat, layers] if qat_first else [layers, qat], compute_metrics=metrics)
+    trainer.train()
+    best = tmp_path / "run" / "checkpoint-2"
+    units = load_file(best / "hf_compress" / "pruning_layers.safetensors")
+    kept = [i for i in range(len(blocks)) if bool(units[f"units.{i}"].all())]
+    now = list(find_blocks(model)[1])
+    assert [blocks.index(b) for b in now] == kept and 3 in kept and len(kept) < len(blocks)
+    quantised = model.config.hf_compress["quantization"]["layers"]
+    new3 = now.index(blocks[3])
+    assert not any(f"encoder.layer.{new3}." in n for n in quantised)  # the excluded block, under its new index
+    assert {int(n.split(".")[3]) for n in quantised if ".layer." in n} == set(range(len(now))) - {new3}
+    ref = AutoModelForSequenceClassification.from_pretrained(best)  # the best weights, float: block 3 untouched
+    torch.testing.assert_close(blocks[3].output.dense.weight, ref.bert.encoder.layer[3].output.dense.weight, rtol=0, atol=0)
+    trainer.save_model(str(tmp_path / "out"))
+    batch = _batch()
+    torch.testing.assert_close(_logits(load_pretrained(tmp_path / "out"), batch), _logits(model, batch), rtol=0, atol=0)

@@ -7,9 +7,12 @@ the layers into int8 or 4-bit ones, or records their shapes for reloading. So a 
 quantisation registers itself on the model it trains (`finish_before_converting`), and the quantising callback runs
 what is still pending on that model (`finish_pending`) before it converts. Each registered callback's
 `on_train_end` then runs once per run: the Trainer's own later call finds it done (`finished_this_run`).
-Among pruning runs on one model, the first end to run restores the final masks of those still pending
-(`still_pending`) before it removes anything: after a best-model reload, a layers run's skipped blocks come back
-only with its masks, and the first removal deletes every skipped block and all-zero unit, the other runs' too.
+**Restore, then remove.** The first end of training that removes units or converts first lets every callback
+of the run restore what it needs of the model as trained (its `restore_before_removal`; `register_restore`,
+`restore_all`): after a best-model reload, a layers run's skipped blocks come back only with its masks (the first removal deletes every
+skipped block and all-zero unit, the other runs' too), and QATCallback checks the best checkpoint against the
+weights and notes which block each of its layers sits in while the blocks are all there (removing layers
+renames the blocks after them; its plan follows the blocks).
 
 **Structure that changes mid-run.** LowRankCallback with lowrank_start_step > 0 replaces Linears by factorised
 layers during training, after QATCallback chose its layers: QAT would then miss them (they would ship
@@ -26,7 +29,8 @@ from __future__ import annotations
 
 import weakref
 
-_PENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [(callback whose end is due, its run's state)]
+_PENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_RESTORE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [(callback to restore first, its run's state)]  # model -> [(callback whose end is due, its run's state)]
 # model -> {(layer name, id(state)): (step, what, state)}
 _MID_RUN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -69,9 +73,64 @@ def still_pending(model, trainer_state) -> list:
     return [c for c, t in _PENDING.get(model, []) if t is trainer_state]
 
 
+def register_restore(model, callback, trainer_state) -> None:
+    """Register `callback` at its train begin: its `restore_before_removal(args, state)` (the best checkpoint's
+    masks / observer ranges, what it needs of the model as trained) must run before any end of training on
+    `model` removes units. Registrations of other runs are dropped, as in `finish_before_converting`."""
+    kept = [(c, t) for c, t in _RESTORE.get(model, []) if t is trainer_state and c is not callback]
+    _RESTORE[model] = kept + [(callback, trainer_state)]
+
+
+def restore_all(model, args, state) -> None:
+    """Run, once each, the `restore_before_removal` of every callback the run of `state` registered on `model`.
+    Called first in each end of training that removes units or converts."""
+    entries = _RESTORE.get(model, [])
+    due = [c for c, t in entries if t is state]
+    _RESTORE[model] = [(c, t) for c, t in entries if t is not state]
+    for callback in due:
+        callback.restore_before_removal(args, state)
+
+
 def finish_pending(model, args, state, control, **kwargs) -> None:
     """Run the `on_train_end` of every callback the run of `state` registered on `model` and that has not ended
     yet (called before converting it)."""
     kwargs.pop("model", None)
     for callback in still_pending(model, state):
         callback.on_train_end(args, state, control, model=model, **kwargs)
+
+
+def block_places(model, names) -> dict:
+    """{name: (the transformer block object it sits in, its name inside the block)} for the `names` inside blocks."""
+    from ..modules import find_blocks
+
+    try:
+        prefix, blocks = find_blocks(model)
+    except ValueError:  # no block list: nothing can be renamed
+        return {}
+    out = {}
+    for name in names:
+        head, _, rest = name.partition(prefix + ".") if name.startswith(prefix + ".") else ("", "", "")
+        index, _, inner = rest.partition(".")
+        if rest and index.isdigit() and int(index) < len(blocks):
+            out[name] = (blocks[int(index)], inner)
+    return out
+
+
+def follow_blocks(model, plan: dict, places: dict) -> dict:
+    """`plan` ({layer name: anything}) renamed after removed blocks: a layer of a block still in the model gets the
+    block's index now; a layer of a removed block leaves the plan; names outside the blocks stay."""
+    if not places:
+        return plan
+    from ..modules import find_blocks
+
+    prefix, blocks = find_blocks(model)
+    index = {id(b): i for i, b in enumerate(blocks)}
+    out = {}
+    for name, value in plan.items():
+        if name not in places:
+            out[name] = value
+            continue
+        block, inner = places[name]
+        if id(block) in index:
+            out[f"{prefix}.{index[id(block)]}" + (f".{inner}" if inner else "")] = value
+    return out

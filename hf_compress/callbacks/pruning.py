@@ -36,7 +36,7 @@ from ..pruning.config import PruningConfig
 from ..pruning.pruner import check_plain
 from ..sharding import is_sharded
 from ._amp import skipped_by_scaler
-from ._order import finish_before_converting, finished_this_run, still_pending
+from ._order import finish_before_converting, finished_this_run, register_restore, restore_all
 from ._logs import LogsForIntegrations, is_training_log
 
 
@@ -105,6 +105,7 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
         pruner = self._pruner(model)
         check_plain(dict(zip(pruner.names, (pruner.model.get_submodule(x) for x in pruner.names))))
         finish_before_converting(pruner.model, self, state)  # QATCallback runs this end first, wherever it is listed
+        register_restore(pruner.model, self, state)
         self.restored = False
         c = self.config
         if c.structured and c.remove_pruned and any(is_sharded(w) for w in pruner.weights):
@@ -187,13 +188,11 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
         super().on_train_end(args, state, control)
         if self.pruner is None:
             return
-        # Every pruning run on this model restores its final masks before any of them removes units: which
-        # blocks a layers run skips is a forward hook, not in the weights, and the first removal deletes every
-        # skipped block and all-zero unit, the other runs' too.
-        for other in still_pending(self.pruner.model, state):
-            if isinstance(other, PruningCallback) and other.pruner is not None:
-                other._restore_final_masks(args, state)
-        self._restore_final_masks(args, state)
+        # Every callback of the run restores what it needs before any of them removes units: which blocks a
+        # layers run skips is a forward hook, not in the weights, and the first removal deletes every skipped
+        # block and all-zero unit, the other runs' too (callbacks/_order.py)
+        restore_all(self.pruner.model, args, state)
+        self.restore_before_removal(args, state)
         model = unwrap(model if model is not None else self.pruner.model)
         # its own figure, from its masks (zeros in the weights cannot tell whose, and another run's removal may have
         # taken some away): structured, the fraction of its units; else of its targeted weights
@@ -202,10 +201,10 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
         if self.removed is not None:
             self.pruner = None  # its masks describe the layers that were just replaced
 
-    def _restore_final_masks(self, args, state) -> None:
+    def restore_before_removal(self, args, state) -> None:
         """The masks the shipped model keeps, once per run: after a best-model reload the best checkpoint's (the
         Trainer reloaded its weights), else this run's, with an update the fp16 scaler skipped made up."""
-        if self.restored:
+        if self.restored or self.pruner is None:
             return
         self.restored = True
         best = best_checkpoint(args, state)

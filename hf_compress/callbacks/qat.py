@@ -38,7 +38,7 @@ from ..quantization.config import QATConfig
 from ..quantization.observers import sync_observers
 from ..sharding import is_sharded
 from ._amp import skipped_by_scaler
-from ._order import finish_pending, mid_run_changes
+from ._order import block_places, finish_pending, follow_blocks, mid_run_changes, register_restore, restore_all
 from ._logs import LogsForIntegrations, is_training_log
 from ._steps import refuse_start_after_run
 
@@ -61,6 +61,8 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
         self._trainer = None  # the `state` of its Trainer's on_init_end: which Trainer it belongs to (_order.py)
         self._run_checked = None  # the `state` of the train() whose announcements were checked at its first step
         self.result: dict | None = None  # metadata recorded at the end of training
+        self.restored = False  # this run's best checkpoint is checked and its block places noted (before removals)
+        self._blocks: dict = {}  # planned layer name -> (its block, the name inside the block)
 
     # ------------------------------------------------------------------ helpers
     def _plan(self, model):
@@ -126,6 +128,8 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
                 "sharded model and convert a gathered copy (hf_compress.sharding.full_state_dict; docs/architecture.md)."
             )
         self.result, self.active = None, bool(fake_quant_layers(model))
+        register_restore(model, self, state)
+        self.restored, self._blocks = False, {}
         resumed = self.read_resume_state(args, state, self.config)
         if state.global_step >= self.config.qat_start_step:
             self._activate(model, state.global_step)
@@ -206,16 +210,29 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
             return {}
         return self.summary()
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        super().on_train_end(args, state, control)
-        if self.model is None:
+    def restore_before_removal(self, args, state) -> None:
+        """While the model is still as trained (before any pruning end removes units; callbacks/_order.py): after a
+        best-model reload, the best checkpoint's observer ranges, checked against the weights; and the block each
+        planned layer sits in, so the plan follows the blocks when a layers run removes some."""
+        if self.restored or self.model is None:
             return
-        model = unwrap(model) if model is not None else self.model
-        finish_pending(model, args, state, control, **kwargs)  # e.g. pruning removes its units before we convert
+        self.restored = True
+        model = self.model
         best = best_checkpoint(args, state)
         if best is not None:  # the Trainer reloaded the best checkpoint's weights: its observer ranges come back too
             tensors, meta = load_state(best, self.name, config=self.config)
             self.check_fingerprint(best, meta)
             self._load_observers(model, tensors, meta, best)
+        self._blocks = block_places(model, self.plan)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        super().on_train_end(args, state, control)
+        if self.model is None:
+            return
+        model = unwrap(model) if model is not None else self.model
+        restore_all(model, args, state)
+        self.restore_before_removal(args, state)
+        finish_pending(model, args, state, control, **kwargs)  # e.g. pruning removes its units before we convert
+        self.plan = follow_blocks(model, self.plan, self._blocks)  # removed layers renamed the blocks after them
         self.result = convert(model, self.config, plan=self.plan)
         self.active, self._observers = False, []

@@ -173,6 +173,7 @@ RAISES = {
     "callbacks/qat.py": {
         ("QATCallback.__init__", "ValueError", 1): "callback-config-and-kwargs",
         ("QATCallback._refuse_mid_run_changes", "ValueError", 1): "lowrank-qat-order",
+        ("QATCallback._refuse_shifted_groups", "ValueError", 1): "qat-group-pruned-inputs",
         ("QATCallback.on_train_begin", "ValueError", 1): "fsdp2-qat",
     },
     "checkpointing.py": {

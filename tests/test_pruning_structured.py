@@ -449,3 +449,38 @@ def test_qat_plan_follows_the_blocks_a_layers_run_removes(qat_first, tmp_path):
     trainer.save_model(str(tmp_path / "out"))
     batch = _batch()
     torch.testing.assert_close(_logits(load_pretrained(tmp_path / "out"), batch), _logits(model, batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("granularity, group, refused", [("neurons", 8, True), ("heads", 16, True), ("heads", 8, False)])
+def test_group_wise_qat_with_removed_input_features(granularity, group, refused, tmp_path):
+    """Removing pruned neurons / heads takes input features out of the FFN down / attention output projection. With
+    group-wise QAT the groups after removal used to hold other weights than QAT trained with: the shipped model was
+    not the one evaluated, silently. Refused before the first step unless each unit fills whole groups (a head of
+    8 features, groups of 8); then the shipped model computes what the trained one did."""
+    from transformers import TrainerCallback
+
+    from hf_compress import QATCallback, QATConfig
+
+    torch.manual_seed(0)
+    model = MODELS["bert"]()  # 4 heads of 8 features
+    batch = _batch()
+    seen = {}
+
+    class Before(TrainerCallback):  # listed first: the model as trained, before any end of training
+        def on_train_end(self, args, state, control, **kw):
+            seen["logits"] = _logits(model, batch)
+
+    prune = PruningCallback(PruningConfig(granularity=granularity, target_sparsity=0.5, scope="local", frequency=1,
+                                          pruning_end_step=3))
+    qat = QATCallback(QATConfig(weight_bits=4, group_size=group))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=5,
+                             per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True, learning_rate=1e-3)
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(48), callbacks=[Before(), qat, prune])
+    if refused:
+        with pytest.raises(ValueError, match=rf"group_size={group} with pruning_{granularity} .*do not fill whole"):
+            trainer.train()
+        assert trainer.state.global_step == 0
+        return
+    trainer.train()
+    assert sum(structure(model)["heads"]) == 8
+    torch.testing.assert_close(_logits(model, batch), seen["logits"], rtol=1e-5, atol=1e-5)

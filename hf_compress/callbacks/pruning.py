@@ -30,7 +30,7 @@ PruningCallbacks on one model keep separate state (`pruning_heads`, `pruning_hea
 from __future__ import annotations
 
 from ..checkpointing import StatefulCallback, best_checkpoint, load_state
-from ..modules import unwrap
+from ..modules import out_axis, unwrap
 from ..pruning import Pruner, convert, is_update_step, prepare, sparsity_at
 from ..pruning.config import PruningConfig
 from ..pruning.pruner import check_plain
@@ -218,6 +218,20 @@ class PruningCallback(LogsForIntegrations, StatefulCallback):
         elif self.owed:  # the run's last update point was skipped (fp16 overflow) and no step followed
             self.pruner.update(self.sparsity_at(state.global_step))
         self.owed = False
+
+    def input_cuts(self) -> dict[str, int]:
+        """{layer name: features per unit} of the layers whose *input* features this run's removal takes out (heads:
+        the attention output projection; neurons: the FFN down projection); {} when it removes none."""
+        c, p = self.config, self.pruner
+        if p is None or not (c.structured and c.remove_pruned) or c.granularity == "layers":
+            return {}
+        cuts = {}
+        for g in p.groups:
+            for x, d in g.parts:
+                m = p.model.get_submodule(x)
+                if d == 1 - out_axis(m):
+                    cuts[x] = m.weight.shape[d] // g.n_units
+        return cuts
 
     def summary(self) -> dict:
         """Sparsity now (overall and per module) and what the end of training removed."""

@@ -38,7 +38,9 @@ from ..quantization.config import QATConfig
 from ..quantization.observers import sync_observers
 from ..sharding import is_sharded
 from ._amp import skipped_by_scaler
-from ._order import block_places, finish_pending, follow_blocks, mid_run_changes, register_restore, restore_all
+from ._order import (
+    block_places, finish_pending, follow_blocks, mid_run_changes, register_restore, restore_all, still_pending,
+)
 from ._logs import LogsForIntegrations, is_training_log
 from ._steps import refuse_start_after_run
 
@@ -149,11 +151,30 @@ class QATCallback(LogsForIntegrations, StatefulCallback):
                 "built, so QAT quantises the factors), or keep those layers out of QAT (QATConfig.qat_exclude)."
             )
 
+    def _refuse_shifted_groups(self, model, state) -> None:
+        """Refuse group-wise weights on layers whose input features a structured pruning run of this `train()` removes
+        in slices the groups do not fall on: after removal each group would hold other weights than QAT trained
+        with, so the shipped model would not be the one evaluated."""
+        for other in still_pending(model, state):
+            for name, width in (other.input_cuts() if hasattr(other, "input_cuts") else {}).items():
+                lp = self.plan.get(name)
+                gs = lp.weight.group_size if lp is not None else None
+                if gs and width % gs:
+                    raise ValueError(
+                        f"QATConfig.group_size={gs} with {other.name} (granularity={other.config.granularity!r}, "
+                        f"remove_pruned=True): removing a pruned unit takes {width} input feature(s) out of `{name}`, "
+                        f"which do not fill whole {gs}-feature quantisation groups, so after removal its groups would "
+                        "hold other weights than the ones QAT trained with (the shipped model would not be the one "
+                        f"evaluated). Use a group_size that divides {width}, group_size=None (one scale per output "
+                        "channel), or remove_pruned=False; or prune in one run and quantise the pruned model in another."
+                    )
+
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self._run_checked is not state and self.model is not None:
             # the first step of this train(): every callback's on_train_begin has run, so a change announced there
             # (for a model model_init built, or by a Trainer this callback was added to later) is known now
             self._refuse_mid_run_changes(self.model, state, state.global_step)
+            self._refuse_shifted_groups(self.model, state)
             self._run_checked = state
         if self.model is not None and state.global_step >= self.config.qat_start_step and not self.active:
             self._activate(self.model, state.global_step)

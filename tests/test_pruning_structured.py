@@ -484,3 +484,56 @@ def test_group_wise_qat_with_removed_input_features(granularity, group, refused,
     trainer.train()
     assert sum(structure(model)["heads"]) == 8
     torch.testing.assert_close(_logits(model, batch), seen["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lowrank_first", [True, False])
+def test_lowrank_record_follows_the_blocks_a_layers_run_removes(lowrank_first, tmp_path):
+    """LowRankCallback records its factorised layers by name; a layers run renames the blocks after the ones it
+    removes. The record kept the old names (listed first: the saved model did not load) or LowRank's end looked up
+    a removed block (listed last: AttributeError after training). Both ends now agree, in either order."""
+    from hf_compress import LowRankCallback, LowRankConfig
+    from hf_compress.lowrank.factorize import is_lowrank
+    from hf_compress.modules import find_blocks
+
+    torch.manual_seed(0)
+    model = MODELS["bert"]()
+    blocks = list(find_blocks(model)[1])
+    lowrank = LowRankCallback(LowRankConfig(lowrank_targets=[r"attention\.self\.(query|key)"], lowrank_ranks={
+        r"layer\.0\.": 2, r"layer\.1\.": 3, r"layer\.2\.": 5, r"layer\.3\.": 6}))
+    layers = PruningCallback(PruningConfig(granularity="layers", target_sparsity=0.5, frequency=1, pruning_start_step=0,
+                                           pruning_end_step=4))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=6, learning_rate=1e-3,
+                             per_device_train_batch_size=8, disable_tqdm=True, seed=0, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(64),
+                      callbacks=[lowrank, layers] if lowrank_first else [layers, lowrank])
+    ranks = [b.attention.self.query.rank for b in blocks]  # factorised when the Trainer was built
+    trainer.train()
+    now = list(find_blocks(model)[1])
+    assert len(now) == 2 and [blocks.index(b) for b in now] != [0, 1]  # blocks after a removed one were renamed
+    actual = {n: m.rank for n, m in model.named_modules() if is_lowrank(m)}
+    recorded = {n: d["rank"] for n, d in model.config.hf_compress["lowrank"]["layers"].items()}
+    assert recorded == actual
+    assert [actual[f"bert.encoder.layer.{j}.attention.self.query"] for j in range(2)] == [ranks[blocks.index(b)] for b in now]
+    trainer.save_model(str(tmp_path / "out"))
+    batch = _batch()
+    torch.testing.assert_close(_logits(load_pretrained(tmp_path / "out"), batch), _logits(model, batch), rtol=0, atol=0)
+
+
+def test_heads_removal_beside_a_factorised_ffn(tmp_path):
+    """Removing pruned heads also looks for all-zero FFN neurons; an FFN LowRankCallback factorised has no single
+    weight to read, and the end of training failed (AttributeError). Factorised groups are left as they are."""
+    from hf_compress import LowRankCallback, LowRankConfig
+
+    torch.manual_seed(0)
+    model = MODELS["bert"]()
+    cbs = [LowRankCallback(LowRankConfig(lowrank_targets=[r"intermediate\.dense|output\.dense$"],
+                                         lowrank_exclude=[r"attention"], lowrank_rank_fraction=0.5)),
+           PruningCallback(PruningConfig(granularity="heads", target_sparsity=0.5, scope="local", frequency=1,
+                                         pruning_end_step=3))]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=5, learning_rate=1e-3,
+                             per_device_train_batch_size=8, disable_tqdm=True, save_strategy="no")
+    Trainer(model=model, args=args, train_dataset=TokenDataset(48), callbacks=cbs).train()
+    assert structure(model)["heads"] == [2, 2, 2, 2]
+    model.save_pretrained(tmp_path / "out")
+    batch = _batch()
+    torch.testing.assert_close(_logits(load_pretrained(tmp_path / "out"), batch), _logits(model, batch), rtol=0, atol=0)

@@ -37,7 +37,7 @@ from ..lowrank.config import LowRankConfig
 from ..modules import unwrap
 from ..pruning.schedules import is_update_step
 from ._amp import skipped_by_scaler
-from ._order import announce_mid_run_change
+from ._order import announce_mid_run_change, register_restore, restore_all
 from ._logs import LogsForIntegrations, is_training_log
 
 NAME = "lowrank"
@@ -54,6 +54,7 @@ class LowRankCallback(LogsForIntegrations, StatefulCallback):
         self.lowrank: LowRank | None = None
         self.end: int | None = None
         self.result: dict | None = None
+        self.ended = False  # this run's end of training ran (at on_train_end, or first in another callback's)
         self._hook = None
 
     # ------------------------------------------------------------------ helpers
@@ -124,7 +125,8 @@ class LowRankCallback(LogsForIntegrations, StatefulCallback):
         c = self.config
         lr = self._prepare(model)
         self.end = self._end(state.max_steps)
-        self.result = None
+        self.result, self.ended = None, False
+        register_restore(lr.model, self, state)
         resumed = self.read_resume_state(args, state, c)
         if resumed is not None:
             tensors, meta, ckpt = resumed
@@ -175,9 +177,19 @@ class LowRankCallback(LogsForIntegrations, StatefulCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         super().on_train_end(args, state, control)
-        lr = self.lowrank
-        if lr is None:
+        if self.lowrank is None:
             return
+        restore_all(self.lowrank.model, args, state)
+        self.restore_before_removal(args, state)
+
+    def restore_before_removal(self, args, state) -> None:
+        """This run's end of training, before any pruning end removes units (callbacks/_order.py): its layers are
+        named by the blocks they sit in, and a layers run renames the blocks after the ones it removes (it renames
+        what this end records too)."""
+        lr = self.lowrank
+        if self.ended or lr is None:
+            return
+        self.ended = True
         lr.stop_statistics()
         best = best_checkpoint(args, state)
         if best is not None:  # the Trainer reloaded the best checkpoint (the load hook gave the layers its shapes)
@@ -185,8 +197,7 @@ class LowRankCallback(LogsForIntegrations, StatefulCallback):
             self.check_fingerprint(best, meta)
             if meta.get("final") is not None:
                 lr.final = dict(meta["final"])
-        model = unwrap(model) if model is not None else lr.model
-        self.result = convert(model, self.config, lowrank=lr)
+        self.result = convert(lr.model, self.config, lowrank=lr)
 
     def summary(self) -> dict:
         """Ranks now, the weight ratio of the targeted layers, and what the end of training recorded."""

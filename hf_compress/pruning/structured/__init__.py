@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from ...modules import find_blocks, out_axis, unwrap
+from ...modules import find_blocks, is_plain_linear, out_axis, unwrap
 from ...metadata import get_metadata, record
 from . import bert, gpt2, llama
 from ..masks import unit_sum
@@ -57,6 +57,26 @@ def _zero_units(model: nn.Module, group: UnitGroup) -> list[int]:
     return units[1:] if len(units) == group.n_units else units
 
 
+def _rename_recorded_layers(model: nn.Module, prefix: str, dropped: list[int], n_before: int) -> None:
+    """What other techniques recorded per layer (quantization, lowrank, clustering: keyed by layer name) follows
+    the blocks: layers of the removed blocks leave the record, the others take their block's new index."""
+    new_index = {i: j for j, i in enumerate(i for i in range(n_before) if i not in dropped)}
+    meta = get_metadata(model)
+    for section in ("quantization", "lowrank", "clustering"):
+        entry = meta.get(section)
+        if not isinstance(entry, dict) or not isinstance(entry.get("layers"), dict):
+            continue
+        renamed = {}
+        for name, d in entry["layers"].items():
+            index, _, inner = name[len(prefix) + 1:].partition(".") if name.startswith(prefix + ".") else ("", "", "")
+            if index.isdigit() and int(index) < n_before:
+                if int(index) in dropped:
+                    continue
+                name = f"{prefix}.{new_index[int(index)]}" + (f".{inner}" if inner else "")
+            renamed[name] = d
+        record(model, section, {**entry, "layers": renamed})
+
+
 def remove_pruned(model: nn.Module, info: dict | None = None) -> dict:
     """Make structured pruning physical: delete skipped layers, then heads and FFN neurons whose
     consuming weights are all zero (exact: the logits do not change). Updates the config (depth,
@@ -70,9 +90,12 @@ def remove_pruned(model: nn.Module, info: dict | None = None) -> dict:
     dropped = [i for i, b in enumerate(blocks) if is_skipped(b)]
     if dropped:
         fam.remove_layers(model, dropped)
+        _rename_recorded_layers(model, find_blocks(model)[0], dropped, len(blocks))
     heads = neurons = 0
     for kind, remove in (("heads", fam.remove_heads), ("neurons", fam.remove_neurons)):
         for g in fam.groups(model, kind):
+            if not all(is_plain_linear(model.get_submodule(x)) for x, _ in g.parts):
+                continue  # e.g. factorised by LowRankCallback: no single weight to read or shrink; not pruned here
             units = _zero_units(model, g)
             if units:
                 remove(model, g.layer, units)

@@ -70,7 +70,8 @@ def convert(model: nn.Module, config, name: str | None = None, sparsity: float |
     passes it, from its masks (after a best-model reload, the reloaded checkpoint's): structured, the fraction
     of its units removed; else of its targeted weights zeroed. Zeros alone cannot tell whose they are: runs
     overlap (layers with heads / neurons, unstructured with any), and the first removal takes every all-zero
-    unit out, the other runs' zeros too.
+    unit out, the other runs' zeros too. Converting two structured runs by hand, pass each its
+    `sparsity=pruner.unit_sparsity()` (`prepare` returns the Pruner), or the second records 0.0.
     """
     model = unwrap(model)
     c = config

@@ -7,12 +7,15 @@ the layers into int8 or 4-bit ones, or records their shapes for reloading. So a 
 quantisation registers itself on the model it trains (`finish_before_converting`), and the quantising callback runs
 what is still pending on that model (`finish_pending`) before it converts. Each registered callback's
 `on_train_end` then runs once per run: the Trainer's own later call finds it done (`finished_this_run`).
-**Restore, then remove.** The first end of training that removes units or converts first lets every callback
-of the run restore what it needs of the model as trained (its `restore_before_removal`; `register_restore`,
-`restore_all`): after a best-model reload, a layers run's skipped blocks come back only with its masks (the first removal deletes every
-skipped block and all-zero unit, the other runs' too), and QATCallback checks the best checkpoint against the
-weights and notes which block each of its layers sits in while the blocks are all there (removing layers
-renames the blocks after them; its plan follows the blocks).
+
+**Restore, then remove.** The first end of training that removes units or converts lets every callback of the
+run first restore what it needs of the model as trained (its `restore_before_removal`; `register_restore`,
+`restore_all`). After a best-model reload, a layers run's skipped blocks come back only with its masks (the first
+removal deletes every skipped block and all-zero unit, the other runs' too). QATCallback checks the best checkpoint
+against the weights and notes the block each of its layers sits in while all blocks are there: removing layers
+renames the blocks after them, and its plan follows the blocks. LowRankCallback runs its whole end there (its
+record is renamed with the blocks). Registrations carry their run's `state`, so a run refused or stopped before
+its end leaves nothing behind for the next one.
 
 **Structure that changes mid-run.** LowRankCallback with lowrank_start_step > 0 replaces Linears by factorised
 layers during training, after QATCallback chose its layers: QAT would then miss them (they would ship
@@ -29,8 +32,8 @@ from __future__ import annotations
 
 import weakref
 
-_PENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_RESTORE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [(callback to restore first, its run's state)]  # model -> [(callback whose end is due, its run's state)]
+_PENDING: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [(callback whose end is due, its run's state)]
+_RESTORE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> [(callback to restore first, its run's state)]
 # model -> {(layer name, id(state)): (step, what, state)}
 _MID_RUN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 

@@ -126,6 +126,15 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def split_block_name(name: str, prefix: str) -> tuple[int, str] | None:
+    """(block index, name inside the block) of a module `name` under the block list `prefix` (``find_blocks``);
+    None for a name outside the blocks. ``bert.encoder.layer.3.output.dense`` -> (3, "output.dense")."""
+    if not name.startswith(prefix + "."):
+        return None
+    index, _, inner = name[len(prefix) + 1:].partition(".")
+    return (int(index), inner) if index.isdigit() else None
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model under DDP / accelerate / torch.compile wrappers."""
     while True:

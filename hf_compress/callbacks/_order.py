@@ -104,19 +104,14 @@ def finish_pending(model, args, state, control, **kwargs) -> None:
 
 def block_places(model, names) -> dict:
     """{name: (the transformer block object it sits in, its name inside the block)} for the `names` inside blocks."""
-    from ..modules import find_blocks
+    from ..modules import find_blocks, split_block_name
 
     try:
         prefix, blocks = find_blocks(model)
     except ValueError:  # no block list: nothing can be renamed
         return {}
-    out = {}
-    for name in names:
-        head, _, rest = name.partition(prefix + ".") if name.startswith(prefix + ".") else ("", "", "")
-        index, _, inner = rest.partition(".")
-        if rest and index.isdigit() and int(index) < len(blocks):
-            out[name] = (blocks[int(index)], inner)
-    return out
+    places = {name: split_block_name(name, prefix) for name in names}
+    return {name: (blocks[p[0]], p[1]) for name, p in places.items() if p is not None and p[0] < len(blocks)}
 
 
 def follow_blocks(model, plan: dict, places: dict) -> dict:

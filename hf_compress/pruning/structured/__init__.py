@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from ...modules import find_blocks, is_plain_linear, out_axis, unwrap
+from ...modules import find_blocks, is_plain_linear, out_axis, split_block_name, unwrap
 from ...metadata import get_metadata, record
 from . import bert, gpt2, llama
 from ..masks import unit_sum
@@ -68,11 +68,11 @@ def _rename_recorded_layers(model: nn.Module, prefix: str, dropped: list[int], n
             continue
         renamed = {}
         for name, d in entry["layers"].items():
-            index, _, inner = name[len(prefix) + 1:].partition(".") if name.startswith(prefix + ".") else ("", "", "")
-            if index.isdigit() and int(index) < n_before:
-                if int(index) in dropped:
+            place = split_block_name(name, prefix)
+            if place is not None and place[0] < n_before:
+                if place[0] in dropped:
                     continue
-                name = f"{prefix}.{new_index[int(index)]}" + (f".{inner}" if inner else "")
+                name = f"{prefix}.{new_index[place[0]]}" + (f".{place[1]}" if place[1] else "")
             renamed[name] = d
         record(model, section, {**entry, "layers": renamed})
 

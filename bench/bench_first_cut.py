@@ -68,7 +68,7 @@ def main(argv=None):
               f"in the largest tenth {rows[-1]['share_in_largest_tenth']:.1%}")
     write("first_cut", {"quick": a.quick, "batches": n_batches, "batch": batch, "loss": f"{hard_weight} x cross-entropy",
                         "model": "the protocol's fine-tuned MiniLM-L6 SST-2 teacher", "targets": "block Linears",
-                        "rows": rows}, a.out)
+                        "scores": rows}, a.out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ class PruningConfig:
     method: str = field(
         default="magnitude",
         metadata={"help": f"Importance score, one of {METHODS}: |w|; movement (Sanh et al. 2020, "
-                          "-sum w*dL/dw); taylor (first order, sum |w*dL/dw|)."},
+                          "-sum w*dL/dw); taylor (first order, sum |w*dL/dw|). Pruning an already fine-tuned model to high "
+                          "sparsity: taylor (docs/pruning.md, 'Which method')."},
     )
     granularity: str = field(
         default="unstructured",
